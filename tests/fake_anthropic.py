@@ -1,0 +1,67 @@
+"""A fake Anthropic Messages API on 127.0.0.1 for driver tests.
+
+The real `anthropic` client talks to it through ANTHROPIC_BASE_URL. Replies are scripted
+in order: an edit (answered as a tool_use message), an HTTP error, or a function of the
+request. Every request body is recorded.
+"""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def edit(description, *pairs):
+    """A scripted tool_use reply: edit("idea", ("old", "new"), ...)."""
+    return {"description": description, "edits": [{"search": a, "replace": b} for a, b in pairs]}
+
+
+def error(status, kind="api_error", message="scripted failure"):
+    return {"status": status, "kind": kind, "message": message}
+
+
+class FakeAnthropic:
+    """Scripted /v1/messages server; `replies` is consumed in order, `requests` records bodies."""
+
+    def __init__(self):
+        self.replies, self.requests = [], []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                with threading.Lock():
+                    fake.requests.append(body)
+                    reply = fake.replies.pop(0) if fake.replies else \
+                        error(400, "invalid_request_error", "fake server: no scripted reply left")
+                if callable(reply):
+                    reply = reply(body)
+                if "status" in reply:
+                    payload = {"type": "error", "error": {"type": reply["kind"], "message": reply["message"]}}
+                    return self.send(reply["status"], payload)
+                n = len(fake.requests)
+                self.send(200, {
+                    "id": f"msg_{n}", "type": "message", "role": "assistant", "model": body["model"],
+                    "content": [{"type": "tool_use", "id": f"toolu_{n}", "name": "edit_train_py",
+                                 "input": reply}],
+                    "stop_reason": "tool_use", "stop_sequence": None,
+                    "usage": {"input_tokens": 1000, "output_tokens": 200,
+                              "cache_creation_input_tokens": 2000, "cache_read_input_tokens": 3000}})
+
+            def send(self, status, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

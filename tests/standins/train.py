@@ -1,0 +1,61 @@
+"""Stand-in train.py: prints the summary block of the real one without training.
+
+val_bpb = TRUE_BPB (the "true value" of this code) + NOISE_STD * a draw seeded by
+AUTORESEARCH_SEED. MODE selects a failure. Tests' scripted LLM edits change these lines.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import prepare
+
+TRUE_BPB = 1.000000
+NOISE_STD = 0.0
+MODE = "ok"
+seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
+
+print("env: " + json.dumps(sorted(os.environ)), flush=True)
+if os.environ.get("STANDIN_PID_FILE"):
+    Path(os.environ["STANDIN_PID_FILE"]).write_text(str(os.getpid()))
+if MODE == "crash":
+    raise RuntimeError("stand-in crash: CUDA out of memory")
+if MODE == "nan":
+    print("FAIL")
+    sys.exit(1)
+if MODE == "nometric":
+    print("finished, but no summary")
+    sys.exit(0)
+if MODE == "hang":  # a grandchild that ignores SIGTERM, then sleep past any timeout
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                              "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    Path(os.environ["STANDIN_GRANDCHILD_FILE"]).write_text(str(child.pid))
+    time.sleep(600)
+if MODE == "slow_once" and not Path(os.environ["STANDIN_ONCE_FILE"]).exists():
+    Path(os.environ["STANDIN_ONCE_FILE"]).write_text("x")
+    time.sleep(600)
+if MODE == "touch_data":
+    with open(prepare.CACHE_DIR / "val.bin", "ab") as f:
+        f.write(b"moved the metric")
+if MODE == "wrong_seed":
+    seed += 1
+val_bpb = TRUE_BPB + NOISE_STD * random.Random(seed).gauss(0, 1)
+time_budget = prepare.TIME_BUDGET * (2 if MODE == "settings" else 1)
+print("---")
+print(f"val_bpb:          {val_bpb:.6f}")
+print("training_seconds: 1.0")
+print("total_seconds:    1.1")
+print("peak_vram_mb:     2048.0")
+print("mfu_percent:      0.00")
+print("total_tokens_M:   0.1")
+print("num_steps:        3")
+print("num_params_M:     0.1")
+print("depth:            2")
+print("tokens_per_sec:   1000")
+print(f"seed:             {seed}")
+print(f"max_seq_len:      {prepare.MAX_SEQ_LEN}")
+print(f"time_budget:      {time_budget}")
+print(f"eval_tokens:      {prepare.EVAL_TOKENS}")

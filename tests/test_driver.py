@@ -1,0 +1,309 @@
+"""driver.py (issue 4): the loop against a fake Anthropic server, a real git repository in
+tmp_path and stand-in training scripts. Run: python -m pytest tests/test_driver.py"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fake_anthropic import FakeAnthropic, edit, error
+
+MAIN = Path(__file__).resolve().parents[1]
+STANDINS = Path(__file__).resolve().parent / "standins"
+sys.path.insert(0, str(MAIN))
+import driver  # noqa: E402
+
+BASE_LINE = "TRUE_BPB = 1.000000"
+MODE_LINE = 'MODE = "ok"'
+
+
+def git(repo, *args):
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture
+def fake():
+    server = FakeAnthropic()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def repo(tmp_path, fake, monkeypatch):
+    """A git repo holding the driver, the stand-in prepare.py/train.py and program.md; prepared
+    stand-in data in tmp_path/cache; the environment pointed at the fake server."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(MAIN / "driver.py", repo)
+    shutil.copy(MAIN / ".gitignore", repo)
+    shutil.copy(STANDINS / "prepare.py", repo)
+    shutil.copy(STANDINS / "train.py", repo)
+    (repo / "program.md").write_text("Lower val_bpb. One idea per experiment.\n")
+    git(repo, "init", "-q", "-b", "master")
+    git(repo, "config", "user.email", "t@example.com")
+    git(repo, "config", "user.name", "Test")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "initial")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "val.bin").write_bytes(b"validation tokens")
+    (cache / "token_bytes.bin").write_bytes(b"byte lengths")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "5")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-secret")
+    monkeypatch.delenv("AUTORESEARCH_MODEL", raising=False)
+    monkeypatch.setattr(driver, "LLM_BACKOFF_S", 0.01)
+    monkeypatch.setattr(driver, "KILL_GRACE_S", 0.5)
+    monkeypatch.chdir(repo)
+    return repo
+
+
+def run(*args):
+    return driver.main(["--tag", "t", *args])
+
+
+def rows(repo):
+    lines = (repo / "results.tsv").read_text().splitlines()
+    assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+    return [dict(zip(["commit", "val_bpb", "memory_gb", "status", "description"], l.split("\t")))
+            for l in lines[1:]]
+
+
+def branch_log(repo):
+    return git(repo, "log", "--format=%s", "autoresearch/t").splitlines()
+
+
+def test_baseline_keep_and_revert(repo, fake):
+    fake.replies += [edit("lower bpb", (BASE_LINE, "TRUE_BPB = 0.990000")),
+                     edit("worse idea", ("TRUE_BPB = 0.990000", "TRUE_BPB = 0.995000"))]
+    assert run("--max-experiments", "2", "--greedy") == 0
+    r = rows(repo)
+    assert [x["status"] for x in r] == ["keep", "keep", "discard"]
+    assert r[0]["description"] == "baseline" and r[0]["val_bpb"] == "1.000000"
+    assert r[1]["val_bpb"] == "0.990000" and r[1]["memory_gb"] == "2.0"
+    assert branch_log(repo) == ["lower bpb", "initial"]  # only kept experiments on the branch
+    assert "TRUE_BPB = 0.990000" in (repo / "train.py").read_text()  # restored from the best
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+    # the discarded attempt stays readable under a ref
+    diff = git(repo, "diff", "autoresearch/t", "refs/autoresearch/t/discarded/0002", "--", "train.py")
+    assert "+TRUE_BPB = 0.995000" in diff
+    # results.tsv and the per-experiment files are not tracked
+    assert "results.tsv" not in git(repo, "ls-files")
+    for name in ("prompt.json", "reply.json", "diff.patch", "train.log", "usage.json"):
+        assert (repo / "runs/t/0002" / name).exists(), name
+    assert "TRUE_BPB = 0.995000" in (repo / "runs/t/0002/diff.patch").read_text()
+    # what the LLM saw: program.md, prepare.py's constants and metric, train.py, the history
+    req = fake.requests[1]
+    system = "\n".join(b["text"] for b in req["system"])
+    assert "Lower val_bpb. One idea per experiment." in system
+    assert "TIME_BUDGET = " in system and "def evaluate_bpb" in system and "def metric_files" in system
+    user = "\n".join(b["text"] for b in req["messages"][0]["content"])
+    assert "TRUE_BPB = 0.990000" in user  # the current (best) train.py
+    assert "lower bpb   <- best so far" in user and "baseline" in user
+    assert any("cache_control" in b for b in req["system"])
+    assert req["tool_choice"] == {"type": "tool", "name": "edit_train_py"}
+    usage = json.loads((repo / "runs/t/0002/usage.json").read_text())
+    # the default, sonnet 5.5: 1000 in x $2 + 200 out x $10 + 2000 cache-write x $2.50 + 3000 cache-read x $0.10
+    assert usage["usd"] == pytest.approx((1000 * 2 + 200 * 10 + 2000 * 2.5 + 3000 * 0.1) / 1e6)
+
+
+def test_crash_fix_then_success_and_repeated_crash(repo, fake):
+    fake.replies += [
+        edit("bigger batch", (MODE_LINE, 'MODE = "crash"'), (BASE_LINE, "TRUE_BPB = 0.980000")),
+        edit("smaller batch fits", ('MODE = "crash"', MODE_LINE)),
+        edit("deeper model", (MODE_LINE, 'MODE = "crash"'), ("TRUE_BPB = 0.980000", "TRUE_BPB = 0.970000")),
+        edit("deeper model, fixed?", ('MODE = "crash"', 'MODE = "nan"')),
+    ]
+    assert run("--max-experiments", "2", "--fix-attempts", "1", "--greedy") == 0
+    r = rows(repo)
+    assert [x["status"] for x in r] == ["keep", "crash", "keep", "crash", "crash"]
+    assert r[1]["val_bpb"] == "0.000000" and r[1]["memory_gb"] == "0.0"
+    assert "stand-in crash" not in r[1]["description"] and "no val_bpb" in r[1]["description"]
+    assert r[2]["val_bpb"] == "0.980000" and "smaller batch fits" in r[2]["description"]
+    # the fix request carried the log tail as an error tool_result
+    fix_request = fake.requests[1]["messages"][-1]["content"][0]
+    assert fix_request["type"] == "tool_result" and fix_request["is_error"]
+    assert "RuntimeError: stand-in crash: CUDA out of memory" in fix_request["content"]
+    assert branch_log(repo)[0].startswith("bigger batch (fix: smaller batch fits)")
+    assert len(branch_log(repo)) == 2  # one commit per kept experiment
+    refs = git(repo, "for-each-ref", "--format=%(refname)", "refs/autoresearch/t").split()
+    assert refs == ["refs/autoresearch/t/discarded/0001-1", "refs/autoresearch/t/discarded/0002",
+                    "refs/autoresearch/t/discarded/0002-1"]
+
+
+def pid_gone(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_hang_kills_the_whole_group_at_the_timeout(repo, fake, tmp_path, monkeypatch):
+    grandchild_file = tmp_path / "grandchild.pid"
+    monkeypatch.setenv("STANDIN_GRANDCHILD_FILE", str(grandchild_file))
+    fake.replies += [edit("hangs", (MODE_LINE, 'MODE = "hang"'))]
+    assert run("--max-experiments", "1", "--fix-attempts", "0", "--timeout", "1.5", "--greedy") == 0
+    r = rows(repo)
+    assert r[1]["status"] == "crash" and "timed out after 2 s" in r[1]["description"]
+    pid = int(grandchild_file.read_text())
+    for _ in range(50):  # SIGKILL was sent; give the kernel a moment to reap it
+        if pid_gone(pid):
+            break
+        time.sleep(0.1)
+    assert pid_gone(pid), "the grandchild (which ignores SIGTERM) survived"
+
+
+def test_invalid_edits_are_reasked_without_any_training(repo, fake, capsys):
+    fake.replies += [
+        edit("typo", ("TRUE_BPB = 1.00000\n", "x")),                   # not found
+        edit("ambiguous", ("print(", "print (")),                      # many matches
+        edit("broken", (MODE_LINE, "MODE = (")),                        # does not compile
+        edit("nothing", (MODE_LINE, MODE_LINE)),                        # no-op
+        edit("seed only", ('"AUTORESEARCH_SEED", "42"', '"AUTORESEARCH_SEED", "7"')),
+        edit("good", (BASE_LINE, "TRUE_BPB = 0.990000")),
+        edit("back to the start", ("TRUE_BPB = 0.990000", BASE_LINE)),  # identical to the baseline
+        edit("good again", ("TRUE_BPB = 0.990000", "TRUE_BPB = 0.985000")),
+    ]
+    assert run("--max-experiments", "3", "--greedy") == 0
+    assert [x["description"] for x in rows(repo)] == ["baseline", "good", "good again"]
+    assert sorted(p.name for p in (repo / "runs/t").glob("*/train.log")) == ["train.log"] * 3
+    assert not (repo / "runs/t/0001/train.log").exists()
+    errors = [l.split("edit rejected: ")[1] for l in capsys.readouterr().out.splitlines() if "edit rejected" in l]
+    sent = [m["content"][0]["content"] for req in fake.requests for m in req["messages"][-1:]
+            if isinstance(m["content"], list) and m["content"][0].get("is_error")]
+    assert sent == errors[:2] + errors[3:5] + errors[5:]  # the 3rd attempt's error ends experiment 1
+    assert "edit 1: the search text was not found" in errors[0]
+    assert "closest line in train.py is: 'TRUE_BPB = 1.000000'" in errors[0]
+    assert f"matches {(STANDINS / 'train.py').read_text().count('print(')} places" in errors[1]
+    assert "does not compile: line" in errors[2]
+    assert "unchanged" in errors[3]
+    assert "only changes the seed" in errors[4]
+    assert "identical to one already tried" in errors[5]
+
+
+def test_transient_api_errors_are_retried(repo, fake):
+    fake.replies += [error(429, "rate_limit_error"), error(529, "overloaded_error", "Overloaded"),
+                     error(500), error(503), edit("good", (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    assert run("--max-experiments", "1", "--greedy") == 0
+    assert [x["status"] for x in rows(repo)] == ["keep", "keep"]
+    assert len(fake.requests) == 5
+
+
+@pytest.mark.parametrize("status,kind,says", [(401, "authentication_error", "check ANTHROPIC_API_KEY"),
+                                              (404, "not_found_error", "unknown model 'claude-nope'")])
+def test_bad_key_or_unknown_model_stops_at_once(repo, fake, status, kind, says):
+    fake.replies += [error(status, kind, "nope")]
+    with pytest.raises(SystemExit) as stop:
+        run("--max-experiments", "3", "--model", "claude-nope", "--greedy")
+    assert says in str(stop.value)
+    assert len(fake.requests) == 1
+    assert [x["description"] for x in rows(repo)] == ["baseline"]
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+def test_program_md_edited_mid_run_survives_revert_and_reaches_next_request(repo, fake):
+    def human_edits_program_md(request):
+        (repo / "program.md").write_text("Focus on the optimizer tonight.\n")
+        return edit("worse", (BASE_LINE, "TRUE_BPB = 1.100000"))
+    fake.replies += [human_edits_program_md, edit("also worse", (BASE_LINE, "TRUE_BPB = 1.200000"))]
+    assert run("--max-experiments", "2", "--greedy") == 0
+    assert [x["status"] for x in rows(repo)] == ["keep", "discard", "discard"]
+    assert (repo / "program.md").read_text() == "Focus on the optimizer tonight.\n"
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == "M program.md"
+    assert "Focus on the optimizer tonight." in json.dumps(fake.requests[1]["system"])
+    assert "Focus on the optimizer" not in json.dumps(fake.requests[0]["system"])
+
+
+def test_no_credentials_in_the_training_environment(repo, fake, monkeypatch):
+    for name in ("OPENAI_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "MY_SERVICE_TOKEN", "ANTHROPIC_AUTH_TOKEN"):
+        monkeypatch.setenv(name, "secret")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert run("--max-experiments", "0", "--greedy") == 0
+    log = (repo / "runs/t/0000/train.log").read_text()
+    env = json.loads(log.split("env: ")[1].split("\n")[0])
+    assert not [k for k in env if "KEY" in k or "TOKEN" in k or "SECRET" in k or k.startswith("ANTHROPIC")]
+    assert "AUTORESEARCH_SEED" in env and "AUTORESEARCH_CACHE" in env and "CUDA_VISIBLE_DEVICES" in env
+    assert "sk-ant-test-secret" not in log
+
+
+@pytest.mark.parametrize("mode,says", [("nan", "no val_bpb in the output (exit code 1)"),
+                                       ("nometric", "no val_bpb in the output (exit code 0)"),
+                                       ("settings", "refused: the summary reports time_budget 10 but the driver runs with 5"),
+                                       ("wrong_seed", "refused: the summary reports seed 43 but the driver set AUTORESEARCH_SEED=42")])
+def test_failed_or_refused_runs_become_crash_rows(repo, fake, mode, says):
+    fake.replies += [edit(mode, (MODE_LINE, f'MODE = "{mode}"'), (BASE_LINE, "TRUE_BPB = 0.500000"))]
+    assert run("--max-experiments", "1", "--fix-attempts", "0", "--greedy") == 0
+    r = rows(repo)
+    assert r[1]["status"] == "crash" and r[1]["val_bpb"] == "0.000000" and says in r[1]["description"]
+    assert branch_log(repo) == ["initial"]
+
+
+def test_missing_data_stops_before_any_llm_spend(repo, fake, tmp_path):
+    (tmp_path / "cache" / "val.bin").unlink()
+    with pytest.raises(SystemExit) as stop:
+        run()
+    assert "the data is not prepared" in str(stop.value) and "python prepare.py" in str(stop.value)
+    assert fake.requests == [] and not (repo / "results.tsv").exists()
+
+
+def test_resume_continues_the_same_run(repo, fake, capsys):
+    fake.replies += [edit("a", (BASE_LINE, "TRUE_BPB = 0.990000")), edit("b", ("TRUE_BPB = 0.990000", "TRUE_BPB = 0.980000"))]
+    assert run("--max-experiments", "1", "--greedy") == 0
+    assert run("--max-experiments", "2", "--greedy") == 0
+    assert "resuming run t: 2 rows" in capsys.readouterr().out
+    assert [x["description"] for x in rows(repo)] == ["baseline", "a", "b"]
+    assert branch_log(repo) == ["b", "a", "initial"]
+
+
+def test_stop_conditions_deadline_and_spend(repo, fake, capsys):
+    fake.replies += [edit("a", (BASE_LINE, "TRUE_BPB = 0.990000")), edit("b", (BASE_LINE, "TRUE_BPB = 0.980000"))]
+    assert run("--max-cost", "0.00001", "--greedy") == 0
+    out = capsys.readouterr().out
+    assert "stopping: spend $0.01 reached --max-cost" in out
+    assert len(rows(repo)) == 2 and len(fake.requests) == 1
+    assert run("--deadline", "0m") == 0
+    assert "stopping: deadline reached" in capsys.readouterr().out and len(fake.requests) == 1
+
+
+def test_status_line_per_experiment(repo, fake, capsys):
+    fake.replies += [edit("lower", (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    assert run("--max-experiments", "1", "--greedy") == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("   1 ")]
+    assert len(lines) == 1
+    assert "0.990000 (-0.010000)  keep" in lines[0] and "min" in lines[0] and "$0.009" in lines[0]
+    assert "lower" in lines[0] and "best 0.990000" in lines[0]
+
+
+def test_descriptions_never_break_a_row(repo, fake):
+    fake.replies += [edit("tabs\there\nand a newline", (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    assert run("--max-experiments", "1", "--greedy") == 0
+    assert rows(repo)[1]["description"] == "tabs here and a newline"
+
+
+SAMPLE_TSV = """commit	val_bpb	memory_gb	status	description
+a1b2c3d	0.997900	44.0	keep	baseline
+b2c3d4e	0.993200	44.2	keep	increase LR to 0.04
+c3d4e5f	1.005000	44.0	discard	switch to GeLU activation
+d4e5f6g	0.000000	0.0	crash	double model width (OOM)
+e5f6g7h	0.985000	44.5	keep	warmdown 0.6
+f6g7h8i	0.990000	44.1	discard	tweak betas
+"""
+
+
+def test_report_on_a_sample_results_tsv(tmp_path, capsys):
+    (tmp_path / "results.tsv").write_text(SAMPLE_TSV)
+    png = tmp_path / "progress.png"
+    assert driver.main(["report", "--tsv", str(tmp_path / "results.tsv"), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "experiments: 6 (6 runs in all), kept 3, crash rate 17%" in out
+    assert "baseline 0.997900 -> best 0.985000 (-0.012900, e5f6g7h: warmdown 0.6)" in out
+    top = out.split("top improvements:")[1].splitlines()
+    assert "warmdown 0.6" in top[1] and "increase LR" in top[2]  # largest gain first
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

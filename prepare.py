@@ -1,0 +1,683 @@
+"""
+Fixed data preparation, dataloader and metric for autoresearch. The LLM never edits this file.
+
+Downloads ClimbMix shards (or reads your own text files), trains the BPE tokenizer, writes
+pre-tokenized uint16 token files, and offers what train.py imports: the constants, the
+Tokenizer, make_dataloader and the fixed metric evaluate_bpb. Every step can be re-run:
+finished work is checked and skipped, unfinished work is redone, nothing half-written is used.
+
+Usage: python prepare.py [--num-shards N] [--data PATH ...]
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import threading
+import time
+from bisect import bisect_left, bisect_right, insort
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+import rustbpe
+import tiktoken
+import torch
+
+# ---------------------------------------------------------------------------
+# Constants and environment (fixed, do not modify)
+# ---------------------------------------------------------------------------
+
+
+def _env(name, default, kind=int):
+    """Read AUTORESEARCH_<name>; every environment setting of the project is read here."""
+    value = os.environ.get(f"AUTORESEARCH_{name}")
+    if value is None:
+        return default
+    if kind is str:
+        return value
+    try:
+        number = kind(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise SystemExit(f"error: AUTORESEARCH_{name}={value!r} must be a positive whole number")
+    return number
+
+
+MAX_SEQ_LEN = _env("MAX_SEQ_LEN", 2048)     # context length of every training and eval row
+TIME_BUDGET = _env("TIME_BUDGET", 300)      # training seconds per experiment (wall clock)
+EVAL_TOKENS = _env("EVAL_TOKENS", 40 * 524288)  # tokens scored by evaluate_bpb
+VOCAB_SIZE = 8192                           # BPE vocabulary, special tokens included
+SEED = _env("SEED", 42)                     # the run's seed: train.py's init and the train data order
+CACHE_DIR = Path(_env("CACHE", "~/.cache/autoresearch", str)).expanduser()  # everything prepared
+DATA_URL = _env("DATA_URL", "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main", str)
+
+VAL_SHARD = 6542                            # the pinned ClimbMix validation shard (the last one)
+DEFAULT_NUM_SHARDS = 10                     # ClimbMix train shards downloaded by default
+DOWNLOAD_WORKERS = 8                        # parallel shard downloads
+DOWNLOAD_ATTEMPTS = 5                       # tries per shard before giving up
+DOWNLOAD_BACKOFF_S = 2.0                    # wait after the first failed try; doubles each time
+DOWNLOAD_TIMEOUT_S = 30                     # connect / read timeout of one request
+
+DOC_CHARS = 4000                            # local corpora: longest document (~half a 2048-token row)
+VAL_SHARE = 0.05                            # local corpora: share of documents in the val split
+LOCAL_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")  # file types --data reads
+
+SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]  # the special tokens, ids at the top
+BOS_TOKEN = SPECIAL_TOKENS[0]               # begins every document
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+TOKENIZER_MAX_CHARS = 1_000_000_000         # tokenizer training reads at most this much text
+TOKENIZER_DOC_CHARS = 10_000                # ... and at most this much of each document
+POOL_DOCS = 1000                            # dataloader: documents to choose from when packing a row
+
+
+def fail(message):
+    """Stop with one line saying what went wrong and what to do."""
+    raise SystemExit(f"error: {message}")
+
+
+_last_progress_s = 0.0
+
+
+def show_progress(text, final=False):
+    """Rewrite one status line on stderr, at most four times a second."""
+    global _last_progress_s
+    now = time.monotonic()
+    if final or now - _last_progress_s >= 0.25:
+        sys.stderr.write("\r" + text.ljust(72) + ("\n" if final else ""))
+        sys.stderr.flush()
+        _last_progress_s = now
+
+
+def describe_files(paths):
+    """What a set of input files is, cheaply: path, size and modification time of each."""
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+
+
+def read_meta(path):
+    """A step's JSON record, or None if it is missing or unreadable (then the step is redone)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_atomic(path, data):
+    """Write bytes to a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# ClimbMix download (the default source)
+# ---------------------------------------------------------------------------
+
+
+class DownloadError(Exception):
+    """A shard that cannot be downloaded; main() turns it into one line."""
+
+
+def is_good_parquet(path):
+    """Cheap check that a shard is complete: its footer parses and it has a `text` column."""
+    try:
+        with pq.ParquetFile(path) as f:
+            return "text" in f.schema_arrow.names
+    except (OSError, pa.ArrowException):
+        return False
+
+
+def why(error):
+    """A short reason for a failed request."""
+    if isinstance(error, requests.ConnectionError):
+        return "cannot connect"
+    if isinstance(error, requests.Timeout):
+        return "timed out"
+    if isinstance(error, requests.HTTPError):
+        return f"HTTP {error.response.status_code}"
+    return str(error)[:120] or type(error).__name__
+
+
+def fetch_shard(name, data_dir, stop, counter):
+    """Download one shard to `<name>.tmp`, check it opens as parquet, then rename it into place."""
+    url, path = f"{DATA_URL}/{name}", data_dir / name
+    tmp = path.with_name(name + ".tmp")
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        if attempt:
+            time.sleep(DOWNLOAD_BACKOFF_S * 2 ** (attempt - 1))
+        if stop.is_set():
+            return
+        try:
+            with requests.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                if 400 <= response.status_code < 500 and response.status_code != 429:
+                    raise DownloadError(f"{url} answered HTTP {response.status_code}; "
+                                        "check AUTORESEARCH_DATA_URL and --num-shards")
+                response.raise_for_status()
+                with open(tmp, "wb") as f:
+                    for chunk in response.iter_content(1 << 20):
+                        if stop.is_set():
+                            return
+                        f.write(chunk)
+                        counter[0] += len(chunk)
+            if not is_good_parquet(tmp):
+                raise ValueError("the file received is not a readable parquet shard")
+            os.replace(tmp, path)
+            return
+        except (requests.RequestException, ValueError, OSError) as e:
+            error = e
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise DownloadError(
+        f"cannot download {name} from {DATA_URL} ({why(error)}, {DOWNLOAD_ATTEMPTS} attempts); "
+        "check the network or AUTORESEARCH_DATA_URL, or prepare your own text offline "
+        "with: python prepare.py --data PATH")
+
+
+def download_climbmix(num_shards):
+    """Make sure train shards 0..num_shards-1 and the val shard are complete; return the source."""
+    if not 1 <= num_shards <= VAL_SHARD:
+        fail(f"--num-shards must be between 1 and {VAL_SHARD}")
+    data_dir = CACHE_DIR / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = [data_dir / f"shard_{i:05d}.parquet" for i in [*range(num_shards), VAL_SHARD]]
+    todo = [p.name for p in paths if not is_good_parquet(p)]
+    for name in todo:
+        if (data_dir / name).exists():
+            print(f"{name} is incomplete or unreadable; downloading it again")
+    if todo:
+        print(f"downloading {len(todo)} of {len(paths)} shards from {DATA_URL}")
+        stop, counter = threading.Event(), [0]
+        with ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool:
+            pending = {pool.submit(fetch_shard, n, data_dir, stop, counter) for n in todo}
+            try:
+                while pending:
+                    done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
+                    for future in done:
+                        future.result()
+                    show_progress(f"downloading: {len(todo) - len(pending)}/{len(todo)} shards, "
+                                  f"{counter[0] / 1e6:,.0f} MB", final=not pending)
+            except BaseException as e:
+                stop.set()
+                for future in pending:
+                    future.cancel()
+                sys.stderr.write("\n")
+                if isinstance(e, DownloadError):
+                    fail(str(e))
+                raise
+    return {"local": False, "train": paths[:-1], "val": paths[-1:]}
+
+
+# ---------------------------------------------------------------------------
+# Local corpora (--data PATH ...): files, records, documents, the val split
+# ---------------------------------------------------------------------------
+
+PARAGRAPH_BREAK = re.compile(r"\n[ \t]*(?:\n[ \t]*)+")  # one or more blank lines
+SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*(?=\s)")  # cut after this
+WHITESPACE = re.compile(r"\s")                                # fallback cut before this
+
+
+def list_local_files(paths):
+    """The files behind --data: files as given, directories recursively in sorted order."""
+    files = []
+    for given in map(Path, paths):
+        if not given.exists():
+            fail(f"--data {given}: no such file or directory")
+        found = [given] if given.is_file() else sorted(
+            p for p in given.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(given).parts))
+        for p in found:
+            if p.suffix.lower() not in LOCAL_SUFFIXES:
+                fail(f"{p}: unsupported file type (use {', '.join(LOCAL_SUFFIXES)}, "
+                     "or point --data at the files to use)")
+        files += [p.resolve() for p in found]
+    if not files:
+        fail(f"no files found in {' '.join(map(str, paths))}")
+    return list(dict.fromkeys(files))
+
+
+def read_texts(path):
+    """Yield the texts of one file: the whole .txt/.md, each .jsonl record's or parquet row's `text`."""
+    if path.suffix.lower() == ".parquet":
+        try:
+            f = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as e:
+            fail(f"{path}: not a readable parquet file ({str(e)[:80]})")
+        if "text" not in f.schema_arrow.names:
+            fail(f"{path}: no 'text' column (columns: {', '.join(f.schema_arrow.names)})")
+        for batch in f.iter_batches(columns=["text"], batch_size=1024):
+            yield from (t for t in batch.column(0).to_pylist() if t)
+        return
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        nul_at = raw.index(b"\0")
+        fail(f"{path}: binary data (a NUL byte at offset {nul_at}); only UTF-8 text is read")
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        fail(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); convert it to UTF-8")
+    if path.suffix.lower() != ".jsonl":
+        yield text
+        return
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            fail(f"{path}:{line_no}: not a JSON object")
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            fail(f"{path}:{line_no}: no \"text\" string field")
+        yield record["text"]
+
+
+def _last_cut(pattern, window, limit, at_end):
+    """The last cut position <= limit at a match of pattern (after it or before it), or 0."""
+    cut = 0
+    for m in pattern.finditer(window):
+        at = m.end() if at_end else m.start()
+        cut = at if at <= limit else cut
+    return cut
+
+
+def split_long(text, limit):
+    """Cut text into pieces of at most limit chars: at sentence ends, else whitespace, else anywhere."""
+    pieces = []
+    while len(text) > limit:
+        window = text[:limit + 1]  # one more char, so a sentence end at the limit is seen
+        cut = (_last_cut(SENTENCE_END, window, limit, True)
+               or _last_cut(WHITESPACE, window, limit, False) or limit)
+        pieces.append(text[:cut].rstrip())
+        text = text[cut:].lstrip()
+    return [p for p in pieces + [text] if p.strip()]
+
+
+def split_documents(text):
+    """Cut a text into documents of at most DOC_CHARS: blank-line-separated paragraphs grouped, long ones split."""
+    docs, current = [], ""
+    for paragraph in PARAGRAPH_BREAK.split(text.replace("\r\n", "\n")):
+        for piece in split_long(paragraph.strip("\n").rstrip(), DOC_CHARS):
+            if current and len(current) + 2 + len(piece) <= DOC_CHARS:
+                current += "\n\n" + piece
+            else:
+                docs.append(current)
+                current = piece
+    return [d for d in docs + [current] if d]
+
+
+def split_of(doc):
+    """The split a local document belongs to, from a stable hash of its text."""
+    h = int.from_bytes(hashlib.blake2b(doc.encode(), digest_size=8).digest(), "big")
+    return "val" if h < VAL_SHARE * 2**64 else "train"
+
+
+def iter_documents(source, split, paths=None):
+    """Yield the documents of a split in stored order (ClimbMix texts as they are)."""
+    for path in source[split] if paths is None else paths:
+        for text in read_texts(path):
+            if not source["local"]:
+                yield text
+                continue
+            yield from (d for d in split_documents(text) if split_of(d) == split)
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer: rustbpe to train, tiktoken to encode
+# ---------------------------------------------------------------------------
+
+TOKENIZER_RECIPE = {"vocab_size": VOCAB_SIZE, "pattern": SPLIT_PATTERN, "specials": SPECIAL_TOKENS,
+                    "max_chars": TOKENIZER_MAX_CHARS, "doc_chars": TOKENIZER_DOC_CHARS,
+                    "local_doc_chars": DOC_CHARS, "val_share": VAL_SHARE}
+
+
+class Tokenizer:
+    """The trained BPE as a tiktoken Encoding (`.enc`), plus the fingerprint of its file."""
+
+    def __init__(self, enc, fingerprint):
+        self.enc = enc
+        self.fingerprint = fingerprint
+        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+
+    @classmethod
+    def from_directory(cls, path=None):
+        """Load the tokenizer that prepare.py saved (default: CACHE_DIR/tokenizer)."""
+        file = Path(path or CACHE_DIR / "tokenizer") / "tokenizer.pkl"
+        try:
+            data = file.read_bytes()
+        except OSError:
+            fail(f"no tokenizer at {file}: run `python prepare.py` first")
+        saved = pickle.loads(data)
+        enc = tiktoken.Encoding(name="autoresearch", pat_str=saved["pattern"],
+                                mergeable_ranks=saved["mergeable_ranks"],
+                                special_tokens=saved["special_tokens"])
+        return cls(enc, hashlib.sha256(data).hexdigest()[:16])
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        """Token ids of a text (a list) or of a list of texts (a list of lists); specials are plain text here."""
+        first = [] if prepend is None else [
+            prepend if isinstance(prepend, int) else self.enc.encode_single_token(prepend)]
+        if isinstance(text, str):
+            return first + self.enc.encode_ordinary(text)
+        return [first + ids for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
+
+    def decode(self, ids):
+        return self.enc.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))
+
+
+def get_token_bytes(device="cpu"):
+    """UTF-8 byte length of every token id (0 for the special tokens), for the metric."""
+    file = CACHE_DIR / "tokenizer" / "token_bytes.npy"
+    if not file.exists():
+        fail(f"no token_bytes table at {file}: run `python prepare.py` first")
+    return torch.from_numpy(np.load(file)).to(device)
+
+
+def train_tokenizer(source):
+    """Train the BPE on the train split, check it, save it with token_bytes and a record of its inputs."""
+    out = CACHE_DIR / "tokenizer"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)  # the old files are no longer vouched for
+    read, state = [], {"chars": 0, "complete": True}
+
+    def texts():
+        for path in source["train"]:
+            read.append(path)
+            for doc in iter_documents(source, "train", [path]):
+                doc = doc[:TOKENIZER_DOC_CHARS]
+                state["chars"] += len(doc)
+                show_progress(f"tokenizer: read {state['chars'] / 1e6:,.1f}M chars")
+                yield doc
+                if state["chars"] >= TOKENIZER_MAX_CHARS:
+                    state["complete"] = False  # any source starting with `read` gives this text
+                    return
+
+    t0 = time.time()
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(texts(), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    if state["chars"] == 0:
+        fail(f"no text to train on in {', '.join(map(str, source['train']))}: "
+             "the corpus is empty; add text")
+    show_progress(f"tokenizer: trained on {state['chars'] / 1e6:,.1f}M chars "
+                  f"in {time.time() - t0:.1f}s", final=True)
+    ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
+    if len(ranks) != VOCAB_SIZE - len(SPECIAL_TOKENS):
+        fail(f"the train split is too small to learn {VOCAB_SIZE} tokens "
+             f"(it gave {len(ranks) + len(SPECIAL_TOKENS)}); add more text")
+    specials = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
+    enc = tiktoken.Encoding(name="autoresearch", pat_str=SPLIT_PATTERN,
+                            mergeable_ranks=ranks, special_tokens=specials)
+    samples = [next(iter_documents(source, "train"), ""), "Héllo wörld 123456 — 東京 🙂\r\n\t x",
+               "<|reserved_0|> is plain text here"]
+    for s in samples:  # tiktoken must reproduce rustbpe and round-trip
+        ids = enc.encode_ordinary(s)
+        if ids != bpe.encode(s) or enc.decode(ids) != s:
+            fail(f"tokenizer sanity check failed on {s[:40]!r}; please report this")
+    data = pickle.dumps({"pattern": SPLIT_PATTERN, "mergeable_ranks": ranks, "special_tokens": specials})
+    write_atomic(out / "tokenizer.pkl", data)
+    token_bytes = np.array([len(enc.decode_single_token_bytes(i)) for i in range(len(ranks))]
+                           + [0] * len(specials), dtype=np.int32)
+    with open(out / "token_bytes.npy.tmp", "wb") as f:
+        np.save(f, token_bytes)
+    os.replace(out / "token_bytes.npy.tmp", out / "token_bytes.npy")
+    meta = {"recipe": TOKENIZER_RECIPE, "inputs": describe_files(read), "complete": state["complete"],
+            "fingerprint": hashlib.sha256(data).hexdigest()[:16]}
+    write_atomic(out / "meta.json", json.dumps(meta, indent=1).encode())
+
+
+def ensure_tokenizer(source):
+    """Reuse the saved tokenizer if it was trained on what this source would feed it, else retrain."""
+    out = CACHE_DIR / "tokenizer"
+    meta, inputs = read_meta(out / "meta.json"), describe_files(source["train"])
+    saved = (out / "tokenizer.pkl").exists() and (out / "token_bytes.npy").exists()
+    if meta and saved and meta["recipe"] == TOKENIZER_RECIPE:
+        used = meta["inputs"]  # all train files, or the prefix read before the char limit
+        if used == (inputs if meta["complete"] else inputs[:len(used)]):
+            tokenizer = Tokenizer.from_directory(out)
+            if tokenizer.fingerprint == meta["fingerprint"]:
+                print("tokenizer: up to date")
+                return tokenizer
+    if meta:
+        print("tokenizer: the training data changed; retraining (token files follow)")
+    train_tokenizer(source)
+    return Tokenizer.from_directory(out)
+
+
+# ---------------------------------------------------------------------------
+# Pre-tokenized splits: <split>.bin (uint16 tokens), <split>.offsets.npy, <split>.json
+# ---------------------------------------------------------------------------
+
+
+def token_paths(split):
+    d = CACHE_DIR / "tokens"
+    return d / f"{split}.bin", d / f"{split}.offsets.npy", d / f"{split}.json"
+
+
+def tokens_up_to_date(split, tokenizer, inputs=None):
+    """The split's record if its token files are complete and match the tokenizer (and inputs)."""
+    bin_path, offsets_path, meta_path = token_paths(split)
+    meta = read_meta(meta_path)
+    if not meta or meta["tokenizer"] != tokenizer.fingerprint or not offsets_path.exists():
+        return None
+    if inputs is not None and (meta["inputs"] != inputs or meta["recipe"] != TOKENIZER_RECIPE):
+        return None
+    if not bin_path.exists() or bin_path.stat().st_size != 2 * meta["n_tokens"]:
+        return None
+    return meta
+
+
+def tokenize_split(source, split, tokenizer):
+    """Encode every document of a split once (BOS first) into uint16 token and offset files."""
+    bin_path, offsets_path, meta_path = token_paths(split)
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # the old files are no longer vouched for
+    tmp = bin_path.with_name(bin_path.name + ".tmp")
+    lengths, batch, n_tokens = [], [], [0]
+    try:
+        with open(tmp, "wb") as f:
+            def flush():
+                rows = tokenizer.encode(batch, prepend=tokenizer.get_bos_token_id(),
+                                        num_threads=os.cpu_count())
+                f.write(np.concatenate([np.array(r, dtype=np.uint16) for r in rows]).tobytes())
+                lengths.extend(map(len, rows))
+                n_tokens[0] += sum(map(len, rows))
+                batch.clear()
+                show_progress(f"tokenizing {split}: {len(lengths):,} documents, "
+                              f"{n_tokens[0] / 1e6:,.1f}M tokens")
+            for doc in iter_documents(source, split):
+                batch.append(doc)
+                if len(batch) == 4096:
+                    flush()
+            if batch:
+                flush()
+        if not lengths:
+            fail(f"the {split} split has no documents; add more text")
+        show_progress(f"tokenized {split}: {len(lengths):,} documents, "
+                      f"{n_tokens[0] / 1e6:,.1f}M tokens", final=True)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        with open(offsets_path.with_name(offsets_path.name + ".tmp"), "wb") as f:
+            np.save(f, offsets)
+        os.replace(offsets_path.with_name(offsets_path.name + ".tmp"), offsets_path)
+        os.replace(tmp, bin_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta = {"tokenizer": tokenizer.fingerprint, "inputs": describe_files(source[split]),
+            "recipe": TOKENIZER_RECIPE, "n_tokens": int(offsets[-1]), "n_docs": len(lengths)}
+    write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+    return meta
+
+
+def load_tokens(split, tokenizer):
+    """The split's tokens (memory-mapped) and document offsets, checked against the tokenizer."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    meta = tokens_up_to_date(split, tokenizer)
+    if meta is None:
+        fail(f"no {split} tokens for this tokenizer in {CACHE_DIR}: run `python prepare.py`")
+    bin_path, offsets_path, _ = token_paths(split)
+    return np.asarray(np.memmap(bin_path, dtype=np.uint16, mode="r")), np.load(offsets_path)
+
+
+def metric_files():
+    """The prepared files evaluate_bpb depends on; exits with the command to run if they are missing."""
+    tok_dir = CACHE_DIR / "tokenizer"
+    meta = read_meta(tok_dir / "meta.json")
+    val = read_meta(token_paths("val")[2])
+    files = [tok_dir / "tokenizer.pkl", tok_dir / "token_bytes.npy", *token_paths("val")[:2]]
+    if not meta or not val or val["tokenizer"] != meta["fingerprint"] or not all(f.exists() for f in files):
+        fail(f"data is not prepared in {CACHE_DIR}: run `python prepare.py` "
+             "(or `python prepare.py --data PATH` for your own text)")
+    return files
+
+
+# ---------------------------------------------------------------------------
+# Dataloader: best-fit packing of BOS-aligned rows
+# ---------------------------------------------------------------------------
+
+
+def epoch_order(n_docs, split, epoch):
+    """Document order of one pass: val as stored, train shuffled by (SEED, epoch) the same on every run."""
+    if split == "val":
+        return list(range(n_docs))
+    return np.random.default_rng([SEED, epoch]).permutation(n_docs).tolist()
+
+
+def pack_rows(doc_lens, row_len, order_of_epoch):
+    """Yield (pieces, epoch) forever, one row of row_len tokens at a time; a piece is (doc, n_tokens).
+
+    Best-fit from a pool of POOL_DOCS documents kept full in epoch order: take the largest
+    document that fits the space left (the earliest of that length); if none fits, crop the
+    shortest to fill the row exactly. A cropped document's remainder is discarded, as in the
+    original: it has no BOS and has lost its beginning, so it would start a row mid-document,
+    and discarding keeps "every document once per pass" trivially true. The pool drains
+    completely before the next epoch's documents enter.
+    """
+    epoch, order, next_pos = 0, [], 0
+    pool = []  # sorted keys: length << 32 | position in this epoch's order (unique, tie-break)
+    while True:
+        pieces, space = [], row_len
+        while space:
+            if not pool and next_pos == len(order):
+                epoch, order, next_pos = epoch + 1, order_of_epoch(epoch + 1), 0
+            while len(pool) < POOL_DOCS and next_pos < len(order):
+                insort(pool, doc_lens[order[next_pos]] << 32 | next_pos)
+                next_pos += 1
+            fit = bisect_right(pool, space << 32 | 0xFFFFFFFF)
+            if fit:
+                key = pool.pop(bisect_left(pool, pool[fit - 1] >> 32 << 32))
+                take = key >> 32
+            else:
+                key, take = pool.pop(0), space
+            pieces.append((order[key & 0xFFFFFFFF], take))
+            space -= take
+        yield pieces, epoch
+
+
+def make_dataloader(tokenizer, B, T, split):
+    """Yield (inputs, targets, epoch) forever: int64 (B, T), on CUDA if available; rows as pack_rows."""
+    tokens, offsets = load_tokens(split, tokenizer)
+    starts, doc_lens = offsets[:-1].tolist(), np.diff(offsets).tolist()
+    rows = pack_rows(doc_lens, T + 1, lambda epoch: epoch_order(len(doc_lens), split, epoch))
+    use_cuda = torch.cuda.is_available()
+
+    def batches():
+        while True:
+            slices = []
+            for _ in range(B):
+                pieces, epoch = next(rows)
+                slices += [tokens[starts[d]:starts[d] + n] for d, n in pieces]
+            batch = np.concatenate(slices).reshape(B, T + 1)
+            # A fresh (pinned) host tensor per batch: the caching host allocator hands its memory
+            # out again only after the asynchronous copy that reads it has finished.
+            host = torch.empty((2, B, T), dtype=torch.int64, pin_memory=use_cuda)
+            view = host.numpy()
+            view[0], view[1] = batch[:, :-1], batch[:, 1:]
+            if use_cuda:
+                host = host.to("cuda", non_blocking=True)
+            yield host[0], host[1], epoch
+
+    return batches()
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: the fixed metric (read-only)
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_bpb(model, tokenizer, batch_size):
+    """Bits per byte on the first EVAL_TOKENS // MAX_SEQ_LEN val rows, whatever batch_size is.
+
+    Sum of per-token cross-entropy (nats) over targets with byte length > 0, divided by
+    ln 2 times the sum of their byte lengths; special tokens count neither loss nor bytes.
+    """
+    n_rows = EVAL_TOKENS // MAX_SEQ_LEN
+    if n_rows == 0:
+        fail(f"EVAL_TOKENS={EVAL_TOKENS} is less than one row of MAX_SEQ_LEN={MAX_SEQ_LEN} tokens")
+    loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    token_bytes = get_token_bytes(device)
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    for done in range(0, n_rows, batch_size):
+        x, y, _ = next(loader)
+        x, y = x[:n_rows - done], y[:n_rows - done]  # the last batch may be partial
+        loss = model(x, y, reduction="none").reshape(-1)
+        nbytes = token_bytes[y.reshape(-1)]
+        total_nats += torch.where(nbytes > 0, loss.double(), 0.0).sum()
+        total_bytes += nbytes.sum()
+    return (total_nats / (math.log(2) * total_bytes)).item()
+
+
+# ---------------------------------------------------------------------------
+# Main: source -> tokenizer -> token files
+# ---------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--num-shards", type=int, default=DEFAULT_NUM_SHARDS,
+                        help=f"ClimbMix train shards to download (default {DEFAULT_NUM_SHARDS})")
+    parser.add_argument("--data", nargs="+", metavar="PATH",
+                        help="use your own .txt/.md/.jsonl/.parquet files or folders instead of ClimbMix")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    if args.data:
+        files = list_local_files(args.data)
+        source = {"local": True, "train": files, "val": files}
+        print(f"local corpus: {len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:,.1f} MB")
+    else:
+        source = download_climbmix(args.num_shards)
+    tokenizer = ensure_tokenizer(source)
+    meta = {}
+    for split in ("val", "train"):
+        meta[split] = tokens_up_to_date(split, tokenizer, describe_files(source[split]))
+        if meta[split]:
+            print(f"{split} tokens: up to date")
+        else:
+            meta[split] = tokenize_split(source, split, tokenizer)
+    n_val = meta["val"]["n_tokens"]
+    if n_val < EVAL_TOKENS:
+        print(f"note: the val split holds {n_val:,} tokens, fewer than the {EVAL_TOKENS:,} "
+              f"(EVAL_TOKENS) that evaluate_bpb scores, so it cycles through them "
+              f"~{EVAL_TOKENS / n_val:.1f} times; set AUTORESEARCH_EVAL_TOKENS={n_val} "
+              "(or less) for a shorter eval, or add more text")
+    print(f"ready in {time.time() - t0:.1f}s: {meta['train']['n_tokens']:,} train tokens "
+          f"({meta['train']['n_docs']:,} documents), {n_val:,} val tokens "
+          f"({meta['val']['n_docs']:,} documents) in {CACHE_DIR}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The fixed metric evaluate_bpb, against references computed independently of prepare.py's code."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+
+T = 1024         # MAX_SEQ_LEN for these tests: rows hold whole documents and crops
+N_ROWS = 13      # EVAL_TOKENS // T: a prime, so batch sizes 3 and 7 end with a partial batch;
+                 # 13 rows are more than one pass over the 9 val documents of the sample
+
+
+@pytest.fixture
+def small_eval(prepared, monkeypatch):
+    monkeypatch.setattr(prepared, "MAX_SEQ_LEN", T)
+    monkeypatch.setattr(prepared, "EVAL_TOKENS", T * N_ROWS + T // 2)  # the remainder is not scored
+    return prepared
+
+
+def first_val_rows(prepare):
+    """The first N_ROWS val rows, read straight from the token files: the best-fit rule on the
+    real lengths in stored order (every val document here is shorter than the pool)."""
+    tokenizer = prepare.Tokenizer.from_directory()
+    tokens, offsets = prepare.load_tokens("val", tokenizer)
+    lengths = np.diff(offsets).tolist()
+    assert len(lengths) < prepare.POOL_DOCS
+    rows, pool = [], []
+    while len(rows) < N_ROWS:
+        row, space = [], T + 1
+        while space:
+            pool = pool or list(range(len(lengths)))  # a new pass over the val documents
+            fits = [d for d in pool if lengths[d] <= space]
+            doc = max(fits, key=lengths.__getitem__) if fits else min(pool, key=lengths.__getitem__)
+            take = min(lengths[doc], space)
+            row.append(tokens[offsets[doc]:offsets[doc] + take])
+            pool.remove(doc)
+            space -= take
+        rows.append(np.concatenate(row).astype(np.int64))
+    rows = torch.from_numpy(np.stack(rows))
+    return rows[:, :-1], rows[:, 1:], tokenizer
+
+
+def byte_lengths(tokenizer):
+    """Byte length of each token from the tiktoken encoding itself; special tokens count 0."""
+    enc = tokenizer.enc
+    specials = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+    return torch.tensor([0 if i in specials else len(enc.decode_single_token_bytes(i))
+                         for i in range(enc.n_vocab)])
+
+
+class UniformModel(torch.nn.Module):
+    """Predicts every token with probability 1/V: the per-token loss is ln V."""
+
+    def forward(self, x, y, reduction="mean"):
+        assert reduction == "none" and not torch.is_grad_enabled()
+        return torch.full(x.shape, math.log(8192), dtype=torch.float32)
+
+
+class TokenDependentModel(torch.nn.Module):
+    """A loss that depends on both the input and the target token: rows must line up exactly."""
+
+    def forward(self, x, y, reduction="mean"):
+        return ((x * 31 + y) % 97).float().reshape(-1) / 10  # (B*T,) is accepted too
+
+
+def test_uniform_model_scores_log2_vocab_times_tokens_per_byte(small_eval):
+    _, y, tokenizer = first_val_rows(small_eval)
+    nbytes = byte_lengths(tokenizer)[y]
+    scored_tokens, total_bytes = int((nbytes > 0).sum()), int(nbytes.sum())
+    assert 0 < scored_tokens < y.numel()  # BOS targets exist and are not scored
+    expected = math.log2(8192) * scored_tokens / total_bytes
+    assert small_eval.evaluate_bpb(UniformModel(), tokenizer, 4) == pytest.approx(expected, rel=1e-6)
+
+
+def test_special_tokens_count_neither_tokens_nor_bytes(small_eval):
+    tokenizer = small_eval.Tokenizer.from_directory()
+    bos = tokenizer.get_bos_token_id()
+    assert small_eval.get_token_bytes()[bos] == 0
+
+    class HugeLossOnBos(torch.nn.Module):
+        def forward(self, x, y, reduction="mean"):
+            return torch.where(y == bos, 1e6, math.log(8192))
+
+    uniform = small_eval.evaluate_bpb(UniformModel(), tokenizer, 5)
+    assert small_eval.evaluate_bpb(HugeLossOnBos(), tokenizer, 5) == pytest.approx(uniform, rel=1e-6)
+
+
+def test_token_bytes_table_matches_the_encoding(prepared):
+    tokenizer = prepared.Tokenizer.from_directory()
+    table = prepared.get_token_bytes()
+    assert table.shape == (prepared.VOCAB_SIZE,) == (tokenizer.get_vocab_size(),)
+    assert torch.equal(table.long(), byte_lengths(tokenizer))
+    assert (table[-4:] == 0).all() and (table[:-4] > 0).all()
+
+
+def test_metric_is_exact_and_independent_of_batch_size(small_eval):
+    x, y, tokenizer = first_val_rows(small_eval)
+    model = TokenDependentModel()
+    nbytes = byte_lengths(tokenizer)[y].reshape(-1)
+    loss = model(x, y, reduction="none").double()
+    expected = loss[nbytes > 0].sum().item() / (math.log(2) * nbytes.sum().item())
+    results = [small_eval.evaluate_bpb(model, tokenizer, b) for b in (1, 3, 7, 7, 13, 64)]
+    assert results[0] == pytest.approx(expected, rel=1e-12)
+    assert len(set(results)) == 1  # identical for every batch size, and on a second call
+
+
+def test_metric_refuses_eval_tokens_below_one_row(small_eval, monkeypatch):
+    monkeypatch.setattr(small_eval, "EVAL_TOKENS", T - 1)
+    with pytest.raises(SystemExit, match="EVAL_TOKENS"):
+        small_eval.evaluate_bpb(UniformModel(), small_eval.Tokenizer.from_directory(), 2)
+
+
+def test_constants_and_their_environment_overrides(tmp_path):
+    code = ("import prepare as p; print(p.MAX_SEQ_LEN, p.TIME_BUDGET, p.EVAL_TOKENS, p.VOCAB_SIZE, "
+            "p.SEED, p.CACHE_DIR, p.DATA_URL)")
+    run = lambda env: subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,  # noqa: E731
+                                     capture_output=True, text=True)
+    default = run({"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}).stdout.split()
+    assert default[:5] == ["2048", "300", str(40 * 524288), "8192", "42"]
+    assert default[5] == str(tmp_path / ".cache" / "autoresearch")
+    assert default[6] == "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "AUTORESEARCH_MAX_SEQ_LEN": "64",
+           "AUTORESEARCH_TIME_BUDGET": "5", "AUTORESEARCH_EVAL_TOKENS": "640",
+           "AUTORESEARCH_SEED": "7", "AUTORESEARCH_CACHE": str(tmp_path / "c"),
+           "AUTORESEARCH_DATA_URL": "http://127.0.0.1:1/x"}
+    assert run(env).stdout.split() == ["64", "5", "640", "8192", "7", str(tmp_path / "c"),
+                                       "http://127.0.0.1:1/x"]
+    bad = run({**env, "AUTORESEARCH_EVAL_TOKENS": "lots"})
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "error: AUTORESEARCH_EVAL_TOKENS='lots' must be a positive whole number"

@@ -1,0 +1,602 @@
+"""
+Pretrain a small GPT for a fixed wall-clock budget and report val_bpb. This is the one file
+the research LLM edits: model, optimizer (Muon for matrices, AdamW for the rest) and the
+time-budgeted loop. Runs fast on one CUDA GPU (bf16, torch.compile, FlexAttention for the
+sliding windows) and slowly but with the same semantics on CPU (fp32, eager).
+
+Usage: python train.py
+"""
+
+import gc
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from prepare import CACHE_DIR, EVAL_TOKENS, MAX_SEQ_LEN, SEED, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
+
+# ---------------------------------------------------------------------------
+# Hyperparameters (edit these directly)
+# ---------------------------------------------------------------------------
+
+DEPTH = 8                     # transformer layers
+ASPECT_RATIO = 64             # model dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
+HEAD_DIM = 128                # channels per attention head
+WINDOW_PATTERN = "SSSL"       # per-layer attention window, repeated: S = half context, L = full; last layer is L
+VE_GATE_CHANNELS = 32         # value-embedding gate reads this many leading channels of the attention input
+SOFTCAP = 15.0                # logits soft-cap: SOFTCAP * tanh(logits / SOFTCAP)
+TOTAL_BATCH_SIZE = 2**19      # tokens per optimizer step (gradient accumulation fills it)
+DEVICE_BATCH_SIZE = 128       # rows per micro-step; lower it first when memory is short
+EMBEDDING_LR = 0.6            # AdamW lr of the token embedding (scaled by (dim/768)^-0.5)
+VALUE_EMBEDDING_LR = 0.6      # AdamW lr of the value embeddings (scaled by (dim/768)^-0.5)
+UNEMBEDDING_LR = 0.004        # AdamW lr of lm_head (scaled by (dim/768)^-0.5)
+RESID_LAMBDA_LR = 0.005       # AdamW lr of the per-layer residual scales
+X0_LAMBDA_LR = 0.5            # AdamW lr of the per-layer x0 mixing scales
+ADAM_BETAS = (0.8, 0.95)      # AdamW betas (x0 lambdas use X0_LAMBDA_BETAS)
+X0_LAMBDA_BETAS = (0.96, 0.95)
+ADAM_EPS = 1e-10              # AdamW epsilon
+MATRIX_LR = 0.04              # Muon lr, times sqrt(max(1, rows/cols)) per matrix shape
+MUON_MOMENTUM_START = 0.85    # Muon momentum ramps linearly from this ...
+MUON_MOMENTUM_END = 0.95      # ... to this ...
+MUON_MOMENTUM_RAMP_STEPS = 300  # ... over this many steps
+NORMUON_BETA = 0.95           # NorMuon second-moment EMA factor
+WEIGHT_DECAY = 0.2            # Muon cautious weight decay, decays linearly to 0 with progress
+WARMUP_RATIO = 0.0            # fraction of the budget with linear LR warm-up
+WARMDOWN_RATIO = 0.5          # fraction of the budget at the end with linear LR warm-down
+FINAL_LR_FRAC = 0.0           # LR multiplier at the very end of the warm-down
+WARMUP_STEPS = 11             # steps 0..10 compile and warm up: their time is not counted
+GC_EVERY_STEPS = 5000         # run Python's (otherwise disabled) garbage collector this often
+
+# ---------------------------------------------------------------------------
+# GPU peak throughput (facts for MFU, not hyperparameters)
+# ---------------------------------------------------------------------------
+
+# Dense BF16 tensor-core FLOP/s with FP32 accumulation, no sparsity, matched in order as a
+# case-insensitive substring of torch.cuda.get_device_name().
+GPU_PEAK_FLOPS = [
+    ("H100 NVL", 835e12),    # NVIDIA H100 Tensor Core GPU datasheet: BF16 1,671 TFLOPS with sparsity
+    ("H100 PCIe", 756e12),   # NVIDIA H100 Tensor Core GPU datasheet: BF16 1,513 TFLOPS with sparsity
+    ("H100", 989.5e12),      # NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 1,979 TFLOPS with sparsity
+    ("H200 NVL", 835e12),    # NVIDIA H200 Tensor Core GPU datasheet: BF16 1,671 TFLOPS with sparsity
+    ("H200", 989.5e12),      # NVIDIA H200 Tensor Core GPU datasheet (SXM): BF16 1,979 TFLOPS with sparsity
+    ("A100", 312e12),        # NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOPS (624 with sparsity)
+    ("L40S", 362.05e12),     # NVIDIA L40S datasheet: BF16 362.05 TFLOPS (733 with sparsity)
+    ("RTX 4090", 165.2e12),  # NVIDIA Ada GPU Architecture whitepaper, Appendix: BF16 w/ FP32 accumulate 165.2
+    ("RTX 3090", 71e12),     # NVIDIA Ampere GA102 GPU Architecture whitepaper, Appendix: BF16 w/ FP32 accumulate 71
+    ("A10G", 70e12),         # NVIDIA A10G for AWS datasheet (d1.awsstatic.com): BF16 70 TFLOPS (140 with sparsity)
+    ("A10", 125e12),         # NVIDIA A10 Tensor Core GPU datasheet: BF16 125 TFLOPS (250 with sparsity)
+]
+
+
+def gpu_peak_flops(device_name):
+    """Dense bf16 peak FLOP/s of the named GPU, or 0.0 when it is not in the table."""
+    for key, flops in GPU_PEAK_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return 0.0
+
+
+# ---------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------
+
+@dataclass
+class GPTConfig:
+    sequence_len: int
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    window_pattern: str
+
+
+def make_config(vocab_size, sequence_len=MAX_SEQ_LEN):
+    """The model shape implied by the CAPS constants."""
+    n_embd = -(-DEPTH * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM
+    assert n_embd >= VE_GATE_CHANNELS, f"model dim {n_embd} < VE_GATE_CHANNELS={VE_GATE_CHANNELS}: raise ASPECT_RATIO"
+    return GPTConfig(sequence_len, vocab_size, DEPTH, n_embd // HEAD_DIM, n_embd, WINDOW_PATTERN)
+
+
+def layer_windows(config):
+    """Keys each layer's query looks back: S = half the context, L = the whole; last layer L."""
+    assert set(config.window_pattern) <= {"S", "L"}, f"WINDOW_PATTERN may only hold S and L, got {config.window_pattern!r}"
+    sizes = {"S": config.sequence_len // 2, "L": config.sequence_len}
+    windows = [sizes[config.window_pattern[i % len(config.window_pattern)]] for i in range(config.n_layer)]
+    windows[-1] = config.sequence_len
+    return windows
+
+
+def has_value_embedding(layer, n_layer):
+    """Value embeddings on alternating layers, the last one always included."""
+    return layer % 2 == (n_layer - 1) % 2
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the two halves of each head: x (B, T, H, D), cos/sin (1, T, 1, D/2)."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def causal_attention(q, k, v, window, block_mask=None):
+    """Attention over (B, H, T, D) in which query i sees keys i-window .. i.
+
+    Full context: fused SDPA. Sliding window: FlexAttention with a prebuilt block mask, which
+    skips the masked-out blocks (CUDA), else SDPA with a dense boolean mask (CPU, tests)."""
+    T = q.size(-2)
+    if window >= T - 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if block_mask is not None:
+        return flex_attention(q, k, v, block_mask=block_mask)
+    pos = torch.arange(T, device=q.device)
+    offset = pos[:, None] - pos[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(offset >= 0) & (offset <= window))
+
+
+def build_block_mask(window, T, device):
+    """FlexAttention block mask for a causal sliding window; build once, reuse every step."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        has_ve = has_value_embedding(layer, config.n_layer)
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_head, bias=False) if has_ve else None
+
+    def forward(self, x, ve, cos, sin, window, block_mask):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_head, self.head_dim)
+        if ve is not None:  # value residual: a gated per-token embedding added to v, one gate per kv head
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, H)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, block_mask)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window, block_mask):
+        x = x + self.attn(norm(x), ve, cos, sin, window, block_mask)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.windows = layer_windows(config)
+        self.block_masks = {}  # window -> FlexAttention BlockMask, filled by build_attention_masks on CUDA
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(config.vocab_size, config.n_embd)
+            for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)})
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), 0.1))
+        cos, sin = self.rotary_tables()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def rotary_tables(self):
+        """cos/sin (1, T, 1, head_dim/2) in bf16 for angles position * 10000^(-2i/head_dim)."""
+        head_dim = self.config.n_embd // self.config.n_head
+        inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(self.config.sequence_len, dtype=torch.float32), inv_freq)
+        return angles.cos().bfloat16()[None, :, None, :], angles.sin().bfloat16()[None, :, None, :]
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialize every parameter as the baseline does (after to_empty from the meta device)."""
+        bound = 3**0.5 * self.config.n_embd**-0.5
+        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -bound, bound)
+        for block in self.blocks:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+        cos, sin = self.rotary_tables()
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def build_attention_masks(self):
+        """One FlexAttention block mask per sliding window size (CUDA only; CPU uses dense masks)."""
+        T = self.config.sequence_len
+        self.block_masks = {w: build_block_mask(w, T, self.cos.device) for w in set(self.windows) if w < T - 1}
+
+    def num_flops_per_token(self):
+        """6 x matmul params (no embeddings, no scalars) + 12 * heads * head_dim * min(window, T) per layer."""
+        embedding_params = self.wte.weight.numel() + sum(p.numel() for p in self.value_embeds.parameters())
+        scalar_params = self.resid_lambdas.numel() + self.x0_lambdas.numel()
+        matmul_params = sum(p.numel() for p in self.parameters()) - embedding_params - scalar_params
+        T = self.config.sequence_len
+        attention = sum(12 * self.config.n_embd * min(w, T) for w in self.windows)
+        return 6 * matmul_params + attention
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        B, T = idx.shape
+        assert T <= self.config.sequence_len, f"sequence of {T} tokens > model's {self.config.sequence_len}"
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        x = norm(self.wte(idx))  # (B, T, C)
+        x0 = x
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            window = self.windows[i]
+            x = block(x, ve, cos, sin, window, self.block_masks.get(window) if T == self.config.sequence_len else None)
+        logits = self.lm_head(norm(x)).float()  # (B, T, V), fp32 for the soft-cap and the loss
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction=reduction)
+
+
+# ---------------------------------------------------------------------------
+# Optimizer: Muon (Polar Express + NorMuon + cautious weight decay) and AdamW
+# ---------------------------------------------------------------------------
+
+# Polar Express coefficients (Amsel et al. 2025, "The Polar Express"), one (a, b, c) per iteration.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def polar_express(G, dtype=torch.bfloat16):
+    """Approximately orthogonalize a stack of matrices (..., rows, cols), iterating in `dtype`."""
+    X = G.to(dtype)
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:  # iterate on the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.mT if transposed else X
+
+
+def normuon(g, second_moment, beta):
+    """NorMuon: scale each row (rows >= cols) or column by 1/sqrt of its EMA'd mean square, keeping ||g||_F."""
+    reduce_dim = -1 if g.size(-2) >= g.size(-1) else -2
+    g = g.float()
+    second_moment.lerp_(g.square().mean(dim=reduce_dim, keepdim=True), 1 - beta)
+    scaled = g * second_moment.clamp_min(1e-10).rsqrt()
+    ratio = g.norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
+    return scaled * ratio
+
+
+def cautious_update(p, g, lr, wd):
+    """p <- p - lr * (g + wd * p * [g * p >= 0]): decay only where the update agrees in sign."""
+    p.sub_(lr * (g + wd * p * (g * p >= 0)))
+
+
+def muon_step(params, grads, momentum_buffer, second_moment, momentum, lr, wd, beta):
+    """One Muon step for same-shape matrices, stacked; scalars are 0-d tensors (no recompiles)."""
+    g = torch.stack(grads)
+    momentum_buffer.lerp_(g, 1 - momentum)
+    g = g.lerp(momentum_buffer, momentum)  # Nesterov-style look-ahead
+    # bf16 on GPU for speed; fp32 on CPU, where bf16 matmuls are slower, not faster
+    g = normuon(polar_express(g, torch.bfloat16 if g.is_cuda else torch.float32), second_moment, beta)
+    p = torch.stack(params)
+    cautious_update(p, g.to(p.dtype), lr, wd)
+    for param, new in zip(params, p.unbind(0)):
+        param.copy_(new)
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps):
+    """One AdamW step (no weight decay) over lists of tensors; scalars are 0-d tensors."""
+    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        g = g.float()
+        m.lerp_(g, 1 - beta1)
+        v.lerp_(g.square(), 1 - beta2)
+        p.sub_(((lr / bias1) * m / ((v / bias2).sqrt() + eps)).to(p.dtype))
+
+
+class MuonAdamW:
+    """Muon for the block matrices (grouped by shape), AdamW for embeddings, lm_head and scalars."""
+
+    def __init__(self, model, compile_steps):
+        dim_scale = (model.config.n_embd / 768) ** -0.5
+        adam_groups = [
+            ([model.wte.weight], EMBEDDING_LR * dim_scale, ADAM_BETAS),
+            (list(model.value_embeds.parameters()), VALUE_EMBEDDING_LR * dim_scale, ADAM_BETAS),
+            ([model.lm_head.weight], UNEMBEDDING_LR * dim_scale, ADAM_BETAS),
+            ([model.resid_lambdas], RESID_LAMBDA_LR, ADAM_BETAS),
+            ([model.x0_lambdas], X0_LAMBDA_LR, X0_LAMBDA_BETAS),
+        ]
+        self.adam_groups = [self.scalars(params=params, base_lr=lr, beta1=b1, beta2=b2, eps=ADAM_EPS, step=0.0,
+                                         exp_avgs=[torch.zeros_like(p, dtype=torch.float32) for p in params],
+                                         exp_avg_sqs=[torch.zeros_like(p, dtype=torch.float32) for p in params])
+                            for params, lr, (b1, b2) in adam_groups if params]
+        by_shape = {}
+        for p in model.blocks.parameters():
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        self.muon_groups = []
+        for (rows, cols), params in by_shape.items():
+            moment_shape = (len(params), rows, 1) if rows >= cols else (len(params), 1, cols)
+            self.muon_groups.append(self.scalars(
+                params=params, base_lr=MATRIX_LR * max(1.0, rows / cols) ** 0.5, momentum=0.0, wd=0.0,
+                beta=NORMUON_BETA, momentum_buffer=torch.zeros(len(params), rows, cols, device=params[0].device),
+                second_moment=torch.zeros(moment_shape, device=params[0].device)))
+        covered = sum(len(g["params"]) for g in self.adam_groups + self.muon_groups)
+        assert covered == len(list(model.parameters())), "every parameter must be in exactly one optimizer group"
+        options = dict(dynamic=False, fullgraph=True)
+        self.adamw_fn = torch.compile(adamw_step, **options) if compile_steps else adamw_step
+        self.muon_fn = torch.compile(muon_step, **options) if compile_steps else muon_step
+
+    @staticmethod
+    def scalars(**group):
+        """A group dict whose float hyperparameters also live in 0-d CPU tensors (`<name>_t`)."""
+        for name in [k for k, v in group.items() if isinstance(v, float) and k != "base_lr"]:
+            group[name + "_t"] = torch.tensor(group[name], dtype=torch.float32)
+        group["lr_t"] = torch.tensor(group["base_lr"], dtype=torch.float32)
+        return group
+
+    @torch.no_grad()
+    def step(self, lr_multiplier, muon_momentum, weight_decay):
+        for g in self.adam_groups:
+            g["step_t"].add_(1)
+            g["lr_t"].fill_(g["base_lr"] * lr_multiplier)
+            self.adamw_fn(g["params"], [p.grad for p in g["params"]], g["exp_avgs"], g["exp_avg_sqs"],
+                          g["step_t"], g["lr_t"], g["beta1_t"], g["beta2_t"], g["eps_t"])
+        for g in self.muon_groups:
+            g["lr_t"].fill_(g["base_lr"] * lr_multiplier)
+            g["momentum_t"].fill_(muon_momentum)
+            g["wd_t"].fill_(weight_decay)
+            self.muon_fn(g["params"], [p.grad for p in g["params"]], g["momentum_buffer"], g["second_moment"],
+                         g["momentum_t"], g["lr_t"], g["wd_t"], g["beta_t"])
+
+
+# ---------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------
+
+def lr_multiplier(progress):
+    """1.0 after an optional warm-up, then linear warm-down to FINAL_LR_FRAC over the last WARMDOWN_RATIO."""
+    if progress < WARMUP_RATIO:
+        return (progress + 1e-8) / WARMUP_RATIO
+    if progress < 1.0 - WARMDOWN_RATIO:
+        return 1.0
+    remaining = (1.0 - progress) / WARMDOWN_RATIO
+    return remaining + (1.0 - remaining) * FINAL_LR_FRAC
+
+
+def muon_momentum(step):
+    frac = min(step / MUON_MOMENTUM_RAMP_STEPS, 1.0)
+    return (1 - frac) * MUON_MOMENTUM_START + frac * MUON_MOMENTUM_END
+
+
+def muon_weight_decay(progress):
+    return WEIGHT_DECAY * (1.0 - progress)
+
+
+# ---------------------------------------------------------------------------
+# Device checks
+# ---------------------------------------------------------------------------
+
+LOWER_HINT = "lower DEVICE_BATCH_SIZE (gradient accumulation keeps TOTAL_BATCH_SIZE), DEPTH, or AUTORESEARCH_MAX_SEQ_LEN"
+
+
+def estimate_memory_bytes(num_params, config, tokens_per_micro_step):
+    """Rough peak training memory: 16 B/param (fp32 weights, grads, optimizer state) plus per-token
+    activations (fp32 logits + their gradient, ~28 B per layer per channel), calibrated on the
+    reference run's 45,060 MB peak at the defaults."""
+    per_token = 8 * config.vocab_size + 28 * config.n_layer * config.n_embd
+    return 16 * num_params + tokens_per_micro_step * per_token
+
+
+def check_cuda_device(bf16_supported, free_bytes, need_bytes):
+    """Fail fast, naming the constants to change, on a GPU that cannot run these settings."""
+    assert bf16_supported, "this GPU has no bf16 support (needs compute capability >= 8.0, e.g. A100, RTX 30xx or newer)"
+    assert need_bytes <= free_bytes, (
+        f"not enough GPU memory: about {need_bytes / 2**30:.1f} GiB needed, {free_bytes / 2**30:.1f} GiB free; "
+        + LOWER_HINT)
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+def main():
+    t_start = time.time()
+    torch.manual_seed(SEED)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        # Reuse compiled kernels across runs of the same code: a warm compile is seconds, a cold one minutes.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR / "torchinductor"))
+        torch.set_float32_matmul_precision("high")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+
+    tokenizer = Tokenizer.from_directory()
+    config = make_config(tokenizer.get_vocab_size())
+    tokens_per_micro_step = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
+    assert TOTAL_BATCH_SIZE % tokens_per_micro_step == 0, (
+        f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN = {tokens_per_micro_step}")
+    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
+
+    with torch.device("meta"):
+        raw_model = GPT(config)
+    num_params = sum(p.numel() for p in raw_model.parameters())
+    flops_per_token = raw_model.num_flops_per_token()
+    peak_flops = 0.0
+    if cuda:
+        device_name = torch.cuda.get_device_name()
+        free_bytes, _ = torch.cuda.mem_get_info()
+        check_cuda_device(torch.cuda.is_bf16_supported(), free_bytes,
+                          estimate_memory_bytes(num_params, config, tokens_per_micro_step))
+        peak_flops = gpu_peak_flops(device_name)
+        print(f"device: {device_name}, peak bf16 {peak_flops / 1e12:.1f} TFLOP/s")
+        if peak_flops == 0:
+            print(f"note: {device_name!r} is not in GPU_PEAK_FLOPS, so MFU is reported as 0")
+    else:
+        print("device: cpu (no CUDA): fp32, eager, slow; MFU and peak VRAM are reported as 0")
+    raw_model.to_empty(device=device)
+    raw_model.init_weights()
+    if cuda:
+        raw_model.wte.to(dtype=torch.bfloat16)
+        raw_model.value_embeds.to(dtype=torch.bfloat16)
+        raw_model.build_attention_masks()
+    model = torch.compile(raw_model, dynamic=False) if cuda else raw_model
+    optimizer = MuonAdamW(raw_model, compile_steps=cuda)
+    print(f"seed: {SEED}, params: {num_params / 1e6:.1f}M, FLOPs/token: {flops_per_token / 1e6:.1f}M, "
+          f"dim {config.n_embd}, heads {config.n_head}, windows {raw_model.windows}")
+    print(f"settings: max_seq_len {MAX_SEQ_LEN}, time_budget {TIME_BUDGET}s, eval_tokens {EVAL_TOKENS}, "
+          f"batch {TOTAL_BATCH_SIZE} tokens = {grad_accum_steps} x {DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN}")
+
+    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train")
+    x, y, epoch = next(train_loader)
+
+    # The host runs one step ahead of the device: it reads step s-1's loss and time (an event that
+    # has already fired) while step s is queued, so no step waits for a host round trip.
+    if cuda:
+        def mark():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+
+        def seconds_between(start, end):
+            end.synchronize()
+            return start.elapsed_time(end) / 1000
+    else:
+        mark = time.perf_counter
+
+        def seconds_between(start, end):
+            return end - start
+    loss_host = torch.zeros(2, pin_memory=cuda)  # two slots: step s writes s % 2 while s-1's is read
+    stats = dict(training_seconds=0.0, smooth_loss=0.0)
+
+    def finish_step(step, start, end, lrm, epoch):
+        """Wait for `step` to end on the device, then check its loss, count its time, print progress."""
+        dt = seconds_between(start, end)
+        loss = loss_host[step % 2].item()
+        if math.isnan(loss) or loss > 100:
+            print(f"\nFAIL: training loss {loss} at step {step}")
+            sys.exit(1)
+        if step >= WARMUP_STEPS:
+            stats["training_seconds"] += dt
+        stats["smooth_loss"] = 0.9 * stats["smooth_loss"] + 0.1 * loss
+        smooth = stats["smooth_loss"] / (1 - 0.9 ** (step + 1))
+        done = 100 * min(stats["training_seconds"] / TIME_BUDGET, 1.0)
+        tok_per_sec = TOTAL_BATCH_SIZE / dt
+        mfu = 100 * flops_per_token * tok_per_sec / peak_flops if peak_flops else 0.0
+        remaining = max(0.0, TIME_BUDGET - stats["training_seconds"])
+        print(f"\rstep {step:05d} ({done:.1f}%) | loss: {smooth:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | "
+              f"tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.1f}% | epoch: {epoch} | remaining: {remaining:.0f}s    ",
+              end="", flush=True)
+
+    def warm_up_eval(x, y):
+        """Compile the eval graph (no grad, reduction='none', full and last partial batch) while uncounted."""
+        eval_rows = EVAL_TOKENS // MAX_SEQ_LEN
+        with torch.no_grad(), autocast:
+            for rows in {min(DEVICE_BATCH_SIZE, eval_rows), eval_rows % DEVICE_BATCH_SIZE} - {0}:
+                model(x[:rows], y[:rows], reduction="none")
+
+    step, pending = 0, None
+    start = mark()
+    while True:
+        progress = min(stats["training_seconds"] / TIME_BUDGET, 1.0)
+        lrm = lr_multiplier(progress)
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(grad_accum_steps):
+            with autocast:
+                loss = model(x, y)
+            (loss / grad_accum_steps).backward()
+            loss_sum += loss.detach()
+            x, y, epoch = next(train_loader)
+        optimizer.step(lrm, muon_momentum(step), muon_weight_decay(progress))
+        raw_model.zero_grad(set_to_none=True)
+        loss_host[step % 2].copy_(loss_sum / grad_accum_steps, non_blocking=True)
+        if step == 0:
+            warm_up_eval(x, y)
+        end = mark()
+        if pending is not None:
+            finish_step(*pending)
+        pending = (step, start, end, lrm, epoch)
+        start = end
+        if step == 0:  # freeze what exists now; a collection otherwise stalls ~0.5 s at random
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif step % GC_EVERY_STEPS == 0:
+            gc.collect()
+        step += 1
+        if step > WARMUP_STEPS and stats["training_seconds"] >= TIME_BUDGET:
+            break
+    finish_step(*pending)
+    print()
+    training_seconds = stats["training_seconds"]
+
+    with torch.no_grad(), autocast:
+        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+
+    counted_tokens = (step - WARMUP_STEPS) * TOTAL_BATCH_SIZE
+    tokens_per_sec = counted_tokens / training_seconds
+    mfu_percent = 100 * flops_per_token * tokens_per_sec / peak_flops if peak_flops else 0.0
+    peak_vram_mb = torch.cuda.max_memory_allocated() / 1024**2 if cuda else 0.0
+    print("---")
+    print(f"val_bpb:          {val_bpb:.6f}")
+    print(f"training_seconds: {training_seconds:.1f}")
+    print(f"total_seconds:    {time.time() - t_start:.1f}")
+    print(f"peak_vram_mb:     {peak_vram_mb:.1f}")
+    print(f"mfu_percent:      {mfu_percent:.2f}")
+    print(f"total_tokens_M:   {step * TOTAL_BATCH_SIZE / 1e6:.1f}")
+    print(f"num_steps:        {step}")
+    print(f"num_params_M:     {num_params / 1e6:.1f}")
+    print(f"depth:            {DEPTH}")
+    print(f"tokens_per_sec:   {tokens_per_sec:.0f}")
+    print(f"seed:             {SEED}")
+    print(f"max_seq_len:      {MAX_SEQ_LEN}")
+    print(f"time_budget:      {TIME_BUDGET}")
+    print(f"eval_tokens:      {EVAL_TOKENS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -450,7 +450,8 @@ def ensure_tokenizer(source):
                 print("tokenizer: up to date")
                 return tokenizer
     if meta:
-        print("tokenizer: the training data changed; retraining (token files follow)")
+        print("tokenizer: the training data changed (or the files did); retraining, "
+              "then rebuilding the token files")
     train_tokenizer(source)
     return Tokenizer.from_directory(out)
 
@@ -536,7 +537,8 @@ def metric_files():
     meta = read_meta(tok_dir / "meta.json")
     val = read_meta(token_paths("val")[2])
     files = [tok_dir / "tokenizer.pkl", tok_dir / "token_bytes.npy", *token_paths("val")[:2]]
-    if not meta or not val or val["tokenizer"] != meta["fingerprint"] or not all(f.exists() for f in files):
+    ok = meta and val and all(f.exists() for f in files)
+    if not ok or not val["tokenizer"] == meta["fingerprint"] == Tokenizer.from_directory().fingerprint:
         fail(f"data is not prepared in {CACHE_DIR}: run `python prepare.py` "
              "(or `python prepare.py --data PATH` for your own text)")
     return files

@@ -54,8 +54,8 @@ NOISE_RUNS = 3                     # runs of the baseline (different seeds) to m
 CONFIRM_RUNS = 3                   # most runs of a marginal candidate, its first run included
 CONFIRM_K = 2.0                    # margin = K * sigma * sqrt(1/n1 + 1/n2)
 CONFIRM_MIN_K = 0.5                # a first run must beat the best by this many sigmas to earn repeats
-NOISE_BUDGET_FRACTION = 0.2        # share of GPU time repeats may take (plus a grace of GRACE_RUNS)
-NOISE_BUDGET_GRACE_RUNS = 3        # repeats always allowed early in the night
+NOISE_BUDGET_FRACTION = 0.2        # share of all runs that noise runs and repeats may take ...
+NOISE_BUDGET_GRACE_RUNS = 5        # ... plus this many (the start-up noise runs, early confirmations)
 BASE_SEED = 42                     # seed of every first run; repeats take BASE_SEED+1, +2, ...
 LLM_MAX_TOKENS = 8192              # longest reply
 LLM_TIMEOUT_S = 600.0              # one request
@@ -577,10 +577,11 @@ def decide(candidate_vals, best_vals, sigma, greedy, budget_ok):
     return ("repeat_best" if len(best_vals) < n else "repeat"), note
 
 
-def budget_allows(gpu_s, run_s):
-    """Another repeat fits in NOISE_BUDGET_FRACTION of all GPU time (plus a small grace)."""
-    return gpu_s["noise"] + run_s <= NOISE_BUDGET_FRACTION * (gpu_s["total"] + run_s) \
-        + NOISE_BUDGET_GRACE_RUNS * run_s
+def budget_allows(run_counts):
+    """Another repeat fits in NOISE_BUDGET_FRACTION of all runs (plus a small grace). Runs
+    share one time budget, so counting runs counts GPU time without timing jitter."""
+    return run_counts["noise"] + 1 <= NOISE_BUDGET_FRACTION * (run_counts["total"] + 1) \
+        + NOISE_BUDGET_GRACE_RUNS
 
 
 # ---------------------------------------------------------------------------
@@ -643,9 +644,11 @@ def one_run(ctx, st, p, role, seed):
     if role == "best" and result.val_bpb is not None:
         st["best"]["vals"].append(result.val_bpb)  # the incumbent's mean sharpens with repeats
     st["gpu_s"]["total"] += result.seconds
+    st["run_counts"]["total"] += 1
     if role != "candidate" or len([r for r in p["runs"] if r["role"] == "candidate"
                                    and r["attempt"] == p["attempt"]]) > 1:
         st["gpu_s"]["noise"] += result.seconds
+        st["run_counts"]["noise"] += 1
     save_state(ctx, st)
     return result
 
@@ -696,9 +699,8 @@ def run_experiment(ctx, st, p):
             return finish(ctx, st, p, "keep", "")
         vals = [r["val_bpb"] for r in cand if r["val_bpb"] is not None]
         failed_repeat = any(r["val_bpb"] is None for r in cand[1:])
-        typical_s = statistics.median([r["seconds"] for r in cand])
         action, note = decide(vals, best_vals, st["sigma"], ctx["greedy"],
-                              budget_allows(st["gpu_s"], typical_s) and not failed_repeat)
+                              budget_allows(st["run_counts"]) and not failed_repeat)
         if action == "repeat":
             one_run(ctx, st, p, "candidate", next_seed(st))
         elif action == "repeat_best":
@@ -837,7 +839,8 @@ def start_run(args, repo):
               "groups": {}, "sigma": None, "rows": 0, "next_n": 0, "next_seed": BASE_SEED,
               "tried": [sha256_bytes((repo / "train.py").read_bytes())],
               "context_train_py": (repo / "train.py").read_text(),
-              "gpu_s": {"total": 0.0, "noise": 0.0}, "wins_rejected": 0,
+              "gpu_s": {"total": 0.0, "noise": 0.0}, "run_counts": {"total": 0, "noise": 0},
+              "wins_rejected": 0,
               "spend": {"usd": 0.0}, "pending": None}
         if (repo / "results.tsv").exists():  # left by a run whose journal is gone: keep it aside
             os.replace(repo / "results.tsv", run_dir / f"results-orphaned-{int(time.time())}.tsv")

@@ -2,8 +2,6 @@
 tmp_path and stand-in training scripts. Run: python -m pytest tests/test_driver.py"""
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,72 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fake_anthropic import FakeAnthropic, edit, error
-
-MAIN = Path(__file__).resolve().parents[1]
-STANDINS = Path(__file__).resolve().parent / "standins"
-sys.path.insert(0, str(MAIN))
-import driver  # noqa: E402
-
-BASE_LINE = "TRUE_BPB = 1.000000"
-MODE_LINE = 'MODE = "ok"'
-
-
-def git(repo, *args):
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-
-
-@pytest.fixture
-def fake():
-    server = FakeAnthropic()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def repo(tmp_path, fake, monkeypatch):
-    """A git repo holding the driver, the stand-in prepare.py/train.py and program.md; prepared
-    stand-in data in tmp_path/cache; the environment pointed at the fake server."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    shutil.copy(MAIN / "driver.py", repo)
-    shutil.copy(MAIN / ".gitignore", repo)
-    shutil.copy(STANDINS / "prepare.py", repo)
-    shutil.copy(STANDINS / "train.py", repo)
-    (repo / "program.md").write_text("Lower val_bpb. One idea per experiment.\n")
-    git(repo, "init", "-q", "-b", "master")
-    git(repo, "config", "user.email", "t@example.com")
-    git(repo, "config", "user.name", "Test")
-    git(repo, "add", ".")
-    git(repo, "commit", "-q", "-m", "initial")
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "val.bin").write_bytes(b"validation tokens")
-    (cache / "token_bytes.bin").write_bytes(b"byte lengths")
-    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
-    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "5")
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-secret")
-    monkeypatch.delenv("AUTORESEARCH_MODEL", raising=False)
-    monkeypatch.setattr(driver, "LLM_BACKOFF_S", 0.01)
-    monkeypatch.setattr(driver, "KILL_GRACE_S", 0.5)
-    monkeypatch.chdir(repo)
-    return repo
-
-
-def run(*args):
-    return driver.main(["--tag", "t", *args])
-
-
-def rows(repo):
-    lines = (repo / "results.tsv").read_text().splitlines()
-    assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
-    return [dict(zip(["commit", "val_bpb", "memory_gb", "status", "description"], l.split("\t")))
-            for l in lines[1:]]
-
-
-def branch_log(repo):
-    return git(repo, "log", "--format=%s", "autoresearch/t").splitlines()
+from driver_helpers import (BASE_LINE, MODE_LINE, STANDINS, branch_log, driver, fake, git,  # noqa: F401
+                            pid_gone, repo, rows, run)
+from fake_anthropic import edit, error
 
 
 def test_baseline_keep_and_revert(repo, fake):
@@ -136,13 +71,6 @@ def test_crash_fix_then_success_and_repeated_crash(repo, fake):
     refs = git(repo, "for-each-ref", "--format=%(refname)", "refs/autoresearch/t").split()
     assert refs == ["refs/autoresearch/t/discarded/0001-1", "refs/autoresearch/t/discarded/0002",
                     "refs/autoresearch/t/discarded/0002-1"]
-
-
-def pid_gone(pid):
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_hang_kills_the_whole_group_at_the_timeout(repo, fake, tmp_path, monkeypatch):
@@ -307,3 +235,68 @@ def test_report_on_a_sample_results_tsv(tmp_path, capsys):
     top = out.split("top improvements:")[1].splitlines()
     assert "warmdown 0.6" in top[1] and "increase LR" in top[2]  # largest gain first
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def start_driver(repo, tmp_path, *args):
+    """The driver as a real process (for kill -9 and Ctrl-C), output to tmp_path/driver.out."""
+    out = open(tmp_path / "driver.out", "ab")
+    return subprocess.Popen([sys.executable, "driver.py", "--tag", "t", *args], cwd=repo,
+                            stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(path, proc):
+    for _ in range(600):
+        if path.exists() and path.read_text():
+            return
+        assert proc.poll() is None, "the driver ended early"
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+@pytest.fixture
+def slow_once(tmp_path, monkeypatch):
+    """Env for the stand-in's MODE slow_once: the first run sleeps, a re-run does not."""
+    monkeypatch.setenv("STANDIN_ONCE_FILE", str(tmp_path / "once"))
+    monkeypatch.setenv("STANDIN_PID_FILE", str(tmp_path / "training.pid"))
+    return tmp_path / "once", tmp_path / "training.pid"
+
+
+def test_kill_9_mid_experiment_then_restart(repo, fake, tmp_path, slow_once):
+    once, pid_file = slow_once
+    fake.replies += [edit("slow but good", (MODE_LINE, 'MODE = "slow_once"'), (BASE_LINE, "TRUE_BPB = 0.990000")),
+                     edit("better", ("TRUE_BPB = 0.990000", "TRUE_BPB = 0.980000"))]
+    proc = start_driver(repo, tmp_path, "--max-experiments", "2", "--greedy")
+    wait_for(once, proc)
+    wait_for(pid_file, proc)
+    training_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGKILL)  # the training group lives on, as after a real kill -9
+    proc.wait()
+    assert git(repo, "log", "--format=%s", "autoresearch/t").splitlines()[0] == "slow but good"
+    restart = start_driver(repo, tmp_path, "--max-experiments", "2", "--greedy")
+    assert restart.wait(timeout=60) == 0, (tmp_path / "driver.out").read_text()
+    assert pid_gone(training_pid), "the orphaned training run was not ended"
+    out = (tmp_path / "driver.out").read_text()
+    assert "ending the training process group" in out
+    assert [x["description"] for x in rows(repo)] == ["baseline", "slow but good", "better"]
+    assert branch_log(repo) == ["better", "slow but good", "initial"]
+    assert len(fake.requests) == 2  # the interrupted experiment was re-run, not re-asked
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+def test_ctrl_c_stops_training_cleanly_and_resumes(repo, fake, tmp_path, slow_once):
+    once, pid_file = slow_once
+    fake.replies += [edit("slow but good", (MODE_LINE, 'MODE = "slow_once"'), (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    proc = start_driver(repo, tmp_path, "--max-experiments", "1", "--greedy")
+    wait_for(once, proc)
+    wait_for(pid_file, proc)
+    training_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    assert pid_gone(training_pid)
+    assert "interrupted; `python driver.py --tag t` resumes this run" in (tmp_path / "driver.out").read_text()
+    assert [x["description"] for x in rows(repo)] == ["baseline"]  # no half-written row
+    assert branch_log(repo) == ["initial"] and git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+    restart = start_driver(repo, tmp_path, "--max-experiments", "1", "--greedy")
+    assert restart.wait(timeout=60) == 0
+    assert [x["description"] for x in rows(repo)] == ["baseline", "slow but good"]
+    assert len(fake.requests) == 1

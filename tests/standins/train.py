@@ -15,6 +15,7 @@ import prepare
 
 TRUE_BPB = 1.000000
 NOISE_STD = 0.0
+DATA_ORDER = 0
 MODE = "ok"
 seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
 
@@ -40,9 +41,12 @@ if MODE == "slow_once" and not Path(os.environ["STANDIN_ONCE_FILE"]).exists():
 if MODE == "touch_data":
     with open(prepare.CACHE_DIR / "val.bin", "ab") as f:
         f.write(b"moved the metric")
+if MODE == "touch_prepare":
+    with open("prepare.py", "a") as f:
+        f.write("# EVAL_TOKENS changed by train.py\n")
 if MODE == "wrong_seed":
     seed += 1
-val_bpb = TRUE_BPB + NOISE_STD * random.Random(seed).gauss(0, 1)
+val_bpb = TRUE_BPB + NOISE_STD * random.Random(f"{seed}:{DATA_ORDER}").gauss(0, 1)
 time_budget = prepare.TIME_BUDGET * (2 if MODE == "settings" else 1)
 print("---")
 print(f"val_bpb:          {val_bpb:.6f}")

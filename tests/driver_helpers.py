@@ -1,0 +1,84 @@
+"""Shared fixtures for the driver tests: a fake Anthropic server, a real git repository in
+tmp_path holding the driver with stand-in prepare.py / train.py, and small helpers."""
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fake_anthropic import FakeAnthropic
+
+MAIN = Path(__file__).resolve().parents[1]
+STANDINS = Path(__file__).resolve().parent / "standins"
+sys.path.insert(0, str(MAIN))
+import driver  # noqa: E402
+
+BASE_LINE = "TRUE_BPB = 1.000000"
+MODE_LINE = 'MODE = "ok"'
+def git(repo, *args):
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture
+def fake():
+    server = FakeAnthropic()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def repo(tmp_path, fake, monkeypatch):
+    """A git repo holding the driver, the stand-in prepare.py/train.py and program.md; prepared
+    stand-in data in tmp_path/cache; the environment pointed at the fake server."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(MAIN / "driver.py", repo)
+    shutil.copy(MAIN / ".gitignore", repo)
+    shutil.copy(STANDINS / "prepare.py", repo)
+    shutil.copy(STANDINS / "train.py", repo)
+    (repo / "program.md").write_text("Lower val_bpb. One idea per experiment.\n")
+    git(repo, "init", "-q", "-b", "master")
+    git(repo, "config", "user.email", "t@example.com")
+    git(repo, "config", "user.name", "Test")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "initial")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "val.bin").write_bytes(b"validation tokens")
+    (cache / "token_bytes.bin").write_bytes(b"byte lengths")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "5")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-secret")
+    monkeypatch.delenv("AUTORESEARCH_MODEL", raising=False)
+    monkeypatch.setattr(driver, "LLM_BACKOFF_S", 0.01)
+    monkeypatch.setattr(driver, "KILL_GRACE_S", 0.5)
+    monkeypatch.chdir(repo)
+    return repo
+
+
+def run(*args):
+    return driver.main(["--tag", "t", *args])
+
+
+def rows(repo):
+    lines = (repo / "results.tsv").read_text().splitlines()
+    assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+    return [dict(zip(["commit", "val_bpb", "memory_gb", "status", "description"], l.split("\t")))
+            for l in lines[1:]]
+
+
+def branch_log(repo):
+    return git(repo, "log", "--format=%s", "autoresearch/t").splitlines()
+
+
+
+def pid_gone(pid):
+    """True once the process is gone or a zombie (killed, not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -1,0 +1,142 @@
+"""driver.py (issue 5): decisions against a measured noise floor. The stand-in train.py's
+val_bpb is the true value of its code (TRUE_BPB) plus NOISE_STD times a draw seeded by
+AUTORESEARCH_SEED and DATA_ORDER, so every outcome below is deterministic.
+Run: python -m pytest tests/test_driver_noise.py"""
+
+import json
+import re
+
+import pytest
+
+from driver_helpers import BASE_LINE, MODE_LINE, branch_log, driver, fake, git, repo, rows, run  # noqa: F401
+from fake_anthropic import edit
+
+ORDER_LINE = "DATA_ORDER = 0"
+SEED_LINE = 'seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))'
+
+
+@pytest.fixture
+def noisy(repo):
+    """The repo's train.py with run-to-run noise of 0.001 bpb (sigma), committed."""
+    path = repo / "train.py"
+    path.write_text(path.read_text().replace("NOISE_STD = 0.0", "NOISE_STD = 0.001"))
+    git(repo, "commit", "-q", "-am", "noisy stand-in")
+    return repo
+
+
+def journal(repo):
+    return json.loads((repo / "runs/t/journal.json").read_text())
+
+
+def test_noise_floor_measured_at_start_and_clear_gain_kept_at_once(noisy, fake, capsys):
+    fake.replies += [edit("clear gain", (BASE_LINE, "TRUE_BPB = 0.995000"))]
+    assert run("--max-experiments", "1") == 0
+    r = rows(noisy)
+    assert [x["description"] for x in r] == ["baseline", "noise run 2/3 (seed 43): baseline",
+                                             "noise run 3/3 (seed 44): baseline", "clear gain"]
+    assert [x["status"] for x in r] == ["keep"] * 4
+    sigma = journal(noisy)["sigma"]
+    baseline = [float(x["val_bpb"]) for x in r[:3]]
+    mean = sum(baseline) / 3
+    assert sigma == pytest.approx((sum((v - mean) ** 2 for v in baseline) / 2) ** 0.5, abs=1e-6)
+    assert 0.0005 < sigma < 0.002  # the stand-in's true noise is 0.001
+    out = capsys.readouterr().out
+    status = [line for line in out.splitlines() if line.startswith("   1 ")]
+    assert f"sigma {sigma:.6f}" in status[0]  # the status line shows the noise floor
+    assert branch_log(noisy)[0] == "clear gain"
+
+
+def test_small_real_gain_is_confirmed_and_kept(noisy, fake):
+    fake.replies += [edit("small gain", (BASE_LINE, "TRUE_BPB = 0.998000"))]  # 1.7 sigma: below the one-run margin
+    assert run("--max-experiments", "1") == 0
+    r = rows(noisy)[3:]
+    assert [x["status"] for x in r] == ["keep", "keep"]
+    assert r[0]["description"].startswith("small gain [confirmed: mean 0.99")
+    assert r[1]["description"] == "repeat 2/3 (seed 45): small gain"
+    assert r[0]["commit"] == r[1]["commit"] == git(noisy, "rev-parse", "--short=7", "autoresearch/t")
+    st = journal(noisy)
+    assert len(st["best"]["vals"]) == 2 and st["gpu_s"]["noise"] > 0
+
+
+def test_noise_only_gain_is_rejected_after_confirmation(noisy, fake):
+    # DATA_ORDER has no true effect; order 25 happens to look better on its first run
+    fake.replies += [edit("reshuffle the data", (ORDER_LINE, "DATA_ORDER = 25"))]
+    assert run("--max-experiments", "1") == 0
+    r = rows(noisy)[3:]
+    assert [x["status"] for x in r] == ["discard"] * 3
+    assert float(r[0]["val_bpb"]) < min(float(x["val_bpb"]) for x in rows(noisy)[:3])  # a lucky first run
+    assert "[not confirmed: mean" in r[0]["description"]
+    assert [x["description"].split(":")[0] for x in r[1:]] == ["repeat 2/3 (seed 45)", "repeat 3/3 (seed 46)"]
+    assert journal(noisy)["wins_rejected"] == 1
+    assert branch_log(noisy)[0] == "noisy stand-in"
+    report = driver.report(noisy / "results.tsv", noisy / "runs/t/journal.json")
+    assert "wins rejected as not confirmed: 1" in report
+    assert any(line.startswith("GPU time:") and "noise handling" in line for line in report)
+
+
+def test_greedy_keeps_the_same_lucky_noise(noisy, fake):
+    fake.replies += [edit("reshuffle the data", (ORDER_LINE, "DATA_ORDER = 25"))]
+    assert run("--max-experiments", "1", "--greedy") == 0
+    assert [x["status"] for x in rows(noisy)] == ["keep", "keep"]  # no noise runs, no confirmation
+
+
+def test_best_is_repeated_when_it_has_fewer_runs(noisy, fake):
+    """A best kept at once has one run; confirming a marginal candidate against it re-runs it
+    too, and the best's mean sharpens with each repeat."""
+    fake.replies += [edit("clear gain", (BASE_LINE, "TRUE_BPB = 0.995000")),
+                     edit("small gain on top", ("TRUE_BPB = 0.995000", "TRUE_BPB = 0.994000"),
+                          (ORDER_LINE, "DATA_ORDER = 3"))]
+    assert run("--max-experiments", "2") == 0
+    r = rows(noisy)
+    first = git(noisy, "rev-parse", "--short=7", "autoresearch/t~1")
+    assert [(x["description"].split(":")[0], x["status"]) for x in r[4:]] == [
+        ("small gain on top [confirmed", "keep"), ("repeat 2/3 (seed 45)", "keep"),
+        ("repeat of best (seed 46)", "keep"), ("repeat 3/3 (seed 47)", "keep")]
+    assert r[6]["commit"] == r[3]["commit"] == first and r[6]["description"].endswith(": clear gain")
+    st = json.loads((noisy / "runs/t/journal.json").read_text())
+    assert [len(v) for v in st["groups"].values()] == [3, 2, 3]  # baseline, clear gain (+1 repeat), new best
+    assert branch_log(noisy)[:2] == ["small gain on top", "clear gain"]
+
+
+@pytest.mark.parametrize("variant", ["default", "hard-coded", "printed"])
+def test_a_seed_only_change_is_never_kept(noisy, fake, variant):
+    edits = {
+        "default": edit("seed 7", ('"AUTORESEARCH_SEED", "42"', '"AUTORESEARCH_SEED", "7"')),
+        "hard-coded": edit("seed 7", (SEED_LINE, "seed = 7")),
+        # with an unrelated docstring edit it passes validation, then train.py prints seed 7
+        "printed": edit("seed 7", (SEED_LINE, "seed = 7"), ("Stand-in train.py", "Stand-in train.py (seed 7)")),
+    }
+    fake.replies += [edits[variant]] * 3
+    assert run("--max-experiments", "1", "--fix-attempts", "0") == 0
+    r = rows(noisy)[3:]
+    assert all(x["status"] != "keep" for x in r)
+    if variant == "printed":
+        assert "refused: the summary reports seed 7" in r[0]["description"]
+    else:
+        assert r == [] and len(fake.requests) == 3
+    assert branch_log(noisy)[0] == "noisy stand-in"
+
+
+def test_noise_estimate_is_persisted_across_a_restart(noisy, fake, capsys):
+    assert run("--max-experiments", "0") == 0
+    sigma = journal(noisy)["sigma"]
+    assert len(rows(noisy)) == 3 and sigma
+    fake.replies += [edit("clear gain", (BASE_LINE, "TRUE_BPB = 0.995000"))]
+    capsys.readouterr()
+    assert run("--max-experiments", "1") == 0
+    out = capsys.readouterr().out
+    assert f"noise floor sigma = {sigma}" in out.splitlines()[1]
+    assert [x["description"] for x in rows(noisy)][3:] == ["clear gain"]  # no new noise runs
+
+
+@pytest.mark.parametrize("mode", ["touch_data", "touch_prepare"])
+def test_a_changed_metric_stops_the_run(noisy, fake, mode):
+    fake.replies += [edit("sneaky", (MODE_LINE, f'MODE = "{mode}"'), (BASE_LINE, "TRUE_BPB = 0.900000"))]
+    with pytest.raises(SystemExit) as stop:
+        run("--max-experiments", "2")
+    assert "prepare.py or the prepared validation data changed" in str(stop.value)
+    assert len(rows(noisy)) == 3  # nothing from the other metric was recorded
+    assert branch_log(noisy)[0] == "noisy stand-in"
+    with pytest.raises(SystemExit) as again:  # and the run cannot be resumed on the changed metric
+        run("--max-experiments", "2")
+    assert "changed since run t started" in str(again.value)

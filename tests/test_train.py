@@ -444,7 +444,14 @@ def test_end_to_end_run_learns_and_prints_the_summary(tmp_path, prepared_cache):
     assert 10 <= float(summary["training_seconds"]) < 20
     assert float(summary["total_seconds"]) > float(summary["training_seconds"])
     assert float(summary["total_tokens_M"]) == pytest.approx(int(summary["num_steps"]) * 1024 / 1e6, abs=0.051)
-    assert "\rstep 00000 (0.0%) | loss: " in result.stdout and "| remaining: " in result.stdout
+    progress = {int(m[0]): m for m in re.findall(
+        r"\rstep (\d{5}) \(([\d.]+)%\) \| loss: [\d.]+ \| lrm: ([\d.]+) \| dt: \d+ms \| tok/sec: [\d,]+ \| "
+        r"mfu: [\d.]+% \| epoch: \d+ \| remaining: (\d+)s", result.stdout)}
+    assert sorted(progress) == list(range(int(summary["num_steps"])))  # one progress line per step
+    assert all(progress[s][1] == "0.0" and progress[s][3] == "10" for s in range(train.WARMUP_STEPS))  # uncounted
+    assert float(progress[train.WARMUP_STEPS][1]) > 0
+    lrms = [float(progress[s][2]) for s in sorted(progress)]
+    assert lrms == sorted(lrms, reverse=True) and lrms[-1] < 0.6  # the LR warm-down ran (read 1-2 steps late)
     uniform = subprocess.run([sys.executable, "-c", UNIFORM_BPB], cwd=ROOT, capture_output=True, text=True,
                              env={**os.environ, "AUTORESEARCH_CACHE": str(prepared_cache),
                                   "AUTORESEARCH_MAX_SEQ_LEN": "128", "AUTORESEARCH_EVAL_TOKENS": "2048"})

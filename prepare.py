@@ -11,6 +11,8 @@ Usage: python prepare.py [--num-shards N] [--data PATH ...]
 
 import argparse
 import hashlib
+import io
+import itertools
 import json
 import math
 import os
@@ -58,6 +60,7 @@ EVAL_TOKENS = _env("EVAL_TOKENS", 40 * 524288)  # tokens scored by evaluate_bpb
 VOCAB_SIZE = 8192                           # BPE vocabulary, special tokens included
 SEED = _env("SEED", 42)                     # the run's seed: train.py's init and the train data order
 CACHE_DIR = Path(_env("CACHE", "~/.cache/autoresearch", str)).expanduser()  # everything prepared
+# where ClimbMix shards are downloaded from (a mirror, or a test server)
 DATA_URL = _env("DATA_URL", "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main", str)
 
 VAL_SHARD = 6542                            # the pinned ClimbMix validation shard (the last one)
@@ -73,6 +76,7 @@ LOCAL_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")  # file types --data read
 
 SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]  # the special tokens, ids at the top
 BOS_TOKEN = SPECIAL_TOKENS[0]               # begins every document
+# GPT-4 style pre-tokenization split, numbers in groups of 1-2 (SPEC §2)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 TOKENIZER_MAX_CHARS = 1_000_000_000         # tokenizer training reads at most this much text
 TOKENIZER_DOC_CHARS = 10_000                # ... and at most this much of each document
@@ -115,6 +119,12 @@ def write_atomic(path, data):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def npy_bytes(array):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------
@@ -220,8 +230,9 @@ def download_climbmix(num_shards):
 # ---------------------------------------------------------------------------
 
 PARAGRAPH_BREAK = re.compile(r"\n[ \t]*(?:\n[ \t]*)+")  # one or more blank lines
-SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*(?=\s)")  # cut after this
-WHITESPACE = re.compile(r"\s")                                # fallback cut before this
+LINE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*[ \t]*(?=\n)")  # best cut: after a sentence ending a line
+SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*(?=\s)")     # next best: after any sentence end
+WHITESPACE = re.compile(r"\s")                                     # else before a space, else anywhere
 
 
 def list_local_files(paths):
@@ -288,11 +299,11 @@ def _last_cut(pattern, window, limit, at_end):
 
 
 def split_long(text, limit):
-    """Cut text into pieces of at most limit chars: at sentence ends, else whitespace, else anywhere."""
+    """Cut text into pieces of at most limit chars, each cut at the best place the window offers."""
     pieces = []
     while len(text) > limit:
         window = text[:limit + 1]  # one more char, so a sentence end at the limit is seen
-        cut = (_last_cut(SENTENCE_END, window, limit, True)
+        cut = (_last_cut(LINE_END, window, limit, True) or _last_cut(SENTENCE_END, window, limit, True)
                or _last_cut(WHITESPACE, window, limit, False) or limit)
         pieces.append(text[:cut].rstrip())
         text = text[cut:].lstrip()
@@ -427,11 +438,8 @@ def train_tokenizer(source):
             fail(f"tokenizer sanity check failed on {s[:40]!r}; please report this")
     data = pickle.dumps({"pattern": SPLIT_PATTERN, "mergeable_ranks": ranks, "special_tokens": specials})
     write_atomic(out / "tokenizer.pkl", data)
-    token_bytes = np.array([len(enc.decode_single_token_bytes(i)) for i in range(len(ranks))]
-                           + [0] * len(specials), dtype=np.int32)
-    with open(out / "token_bytes.npy.tmp", "wb") as f:
-        np.save(f, token_bytes)
-    os.replace(out / "token_bytes.npy.tmp", out / "token_bytes.npy")
+    token_bytes = [len(enc.decode_single_token_bytes(i)) for i in range(len(ranks))] + [0] * len(specials)
+    write_atomic(out / "token_bytes.npy", npy_bytes(np.array(token_bytes, dtype=np.int32)))
     meta = {"recipe": TOKENIZER_RECIPE, "inputs": describe_files(read), "complete": state["complete"],
             "fingerprint": hashlib.sha256(data).hexdigest()[:16]}
     write_atomic(out / "meta.json", json.dumps(meta, indent=1).encode())
@@ -485,32 +493,21 @@ def tokenize_split(source, split, tokenizer):
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)  # the old files are no longer vouched for
     tmp = bin_path.with_name(bin_path.name + ".tmp")
-    lengths, batch, n_tokens = [], [], [0]
+    docs, lengths, n_tokens = iter_documents(source, split), [], 0
     try:
         with open(tmp, "wb") as f:
-            def flush():
-                rows = tokenizer.encode(batch, prepend=tokenizer.get_bos_token_id(),
-                                        num_threads=os.cpu_count())
+            while batch := list(itertools.islice(docs, 4096)):
+                rows = tokenizer.encode(batch, prepend=tokenizer.bos_token_id, num_threads=os.cpu_count())
                 f.write(np.concatenate([np.array(r, dtype=np.uint16) for r in rows]).tobytes())
-                lengths.extend(map(len, rows))
-                n_tokens[0] += sum(map(len, rows))
-                batch.clear()
-                show_progress(f"tokenizing {split}: {len(lengths):,} documents, "
-                              f"{n_tokens[0] / 1e6:,.1f}M tokens")
-            for doc in iter_documents(source, split):
-                batch.append(doc)
-                if len(batch) == 4096:
-                    flush()
-            if batch:
-                flush()
+                lengths += map(len, rows)
+                n_tokens += sum(map(len, rows))
+                show_progress(f"tokenizing {split}: {len(lengths):,} documents, {n_tokens / 1e6:,.1f}M tokens")
         if not lengths:
             fail(f"the {split} split has no documents; add more text")
-        show_progress(f"tokenized {split}: {len(lengths):,} documents, "
-                      f"{n_tokens[0] / 1e6:,.1f}M tokens", final=True)
+        show_progress(f"tokenized {split}: {len(lengths):,} documents, {n_tokens / 1e6:,.1f}M tokens",
+                      final=True)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        with open(offsets_path.with_name(offsets_path.name + ".tmp"), "wb") as f:
-            np.save(f, offsets)
-        os.replace(offsets_path.with_name(offsets_path.name + ".tmp"), offsets_path)
+        write_atomic(offsets_path, npy_bytes(offsets))
         os.replace(tmp, bin_path)
     finally:
         tmp.unlink(missing_ok=True)

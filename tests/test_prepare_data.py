@@ -59,6 +59,15 @@ def test_one_enormous_line_is_split_at_sentence_ends():
     assert re.sub(r"\s+", " ", " ".join(docs)) == re.sub(r"\s+", " ", text)  # nothing lost
 
 
+def test_long_lines_without_blank_lines_become_separate_documents():
+    # e.g. one speech or one record per line: a cut prefers a sentence end that ends a line
+    lines = [SENTENCES[i * 1000:i * 1000 + 2500].rsplit(".", 1)[0] + "." for i in range(12)]
+    lines += [SENTENCES[:9000]]
+    docs = prepare.split_documents("\n".join(lines))
+    assert docs[:12] == lines[:12]
+    assert not any("\n" in d for d in docs) and re.sub(r"\s+", " ", " ".join(docs[12:])) == lines[12]
+
+
 def test_without_sentence_ends_split_at_whitespace_then_anywhere():
     words = " ".join(f"word{i}" for i in range(3000))
     docs = prepare.split_documents(words)

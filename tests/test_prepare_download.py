@@ -25,7 +25,8 @@ def shard_bytes(name):
 class ShardServer:
     """Serves shard_bytes(name) for any shard; `plan[name]` lists misbehaviours for the first
     requests ("500": an error status, "drop": the full Content-Length then half the body and a
-    closed connection, "404"); `requests` counts requests per name."""
+    closed connection, "short": half the body as if it were all of it, "404"); `requests`
+    counts requests per name."""
 
     def __init__(self):
         self.plan, self.requests = collections.defaultdict(list), collections.Counter()
@@ -40,6 +41,8 @@ class ShardServer:
                     self.send_error(int(action))
                     return
                 body = shard_bytes(name)
+                if action == "short":
+                    body = body[:len(body) // 2]
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -100,6 +103,15 @@ def test_connection_dropped_mid_body_is_retried_without_a_partial_file(server, t
     server.plan[VAL] = ["drop", "drop"]
     prepare.download_climbmix(1)
     assert server.requests[VAL] == 3
+    assert_complete(tmp_path, ["shard_00000.parquet", VAL])
+
+
+def test_truncated_response_is_never_renamed_into_place(server, tmp_path):
+    # The server itself sends a cut file with a matching Content-Length: only opening it as
+    # parquet before the rename can tell.
+    server.plan["shard_00000.parquet"] = ["short"]
+    prepare.download_climbmix(1)
+    assert server.requests["shard_00000.parquet"] == 2
     assert_complete(tmp_path, ["shard_00000.parquet", VAL])
 
 

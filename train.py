@@ -453,6 +453,7 @@ def main():
         # Reuse compiled kernels across runs of the same code: a warm compile is seconds, a cold one minutes.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR / "torchinductor"))
         torch.set_float32_matmul_precision("high")
+        torch._dynamo.config.recompile_limit = 32  # one compile per optimizer group; past the limit: silent eager
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
     tokenizer = Tokenizer.from_directory()

@@ -34,53 +34,52 @@ import tiktoken
 import torch
 
 # ---------------------------------------------------------------------------
-# Constants and environment (fixed, do not modify)
+# Constants (fixed, do not modify); the AUTORESEARCH_* environment is read here and only here
 # ---------------------------------------------------------------------------
 
 
 def _env(name, default, kind=int):
-    """Read AUTORESEARCH_<name>; every environment setting of the project is read here."""
+    """AUTORESEARCH_<name> if set (a positive whole number unless kind is str), else default."""
     value = os.environ.get(f"AUTORESEARCH_{name}")
-    if value is None:
-        return default
-    if kind is str:
-        return value
-    try:
-        number = kind(value)
-    except ValueError:
-        number = 0
-    if number <= 0:
+    if value is None or kind is str:
+        return default if value is None else value
+    if not value.strip().isdigit() or int(value) <= 0:
         raise SystemExit(f"error: AUTORESEARCH_{name}={value!r} must be a positive whole number")
-    return number
+    return int(value)
 
 
-MAX_SEQ_LEN = _env("MAX_SEQ_LEN", 2048)     # context length of every training and eval row
-TIME_BUDGET = _env("TIME_BUDGET", 300)      # training seconds per experiment (wall clock)
+CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+
+MAX_SEQ_LEN = _env("MAX_SEQ_LEN", 2048)         # context length of every training and eval row
+TIME_BUDGET = _env("TIME_BUDGET", 300)          # training seconds per experiment (wall clock)
 EVAL_TOKENS = _env("EVAL_TOKENS", 40 * 524288)  # tokens scored by evaluate_bpb
-VOCAB_SIZE = 8192                           # BPE vocabulary, special tokens included
-SEED = _env("SEED", 42)                     # the run's seed: train.py's init and the train data order
-CACHE_DIR = Path(_env("CACHE", "~/.cache/autoresearch", str)).expanduser()  # everything prepared
-# where ClimbMix shards are downloaded from (a mirror, or a test server)
-DATA_URL = _env("DATA_URL", "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main", str)
+VOCAB_SIZE = 8192                               # BPE vocabulary, special tokens included
+SEED = _env("SEED", 42)                         # the run's seed (the driver sets it): init, train order
+CACHE_DIR = Path(_env("CACHE", "~/.cache/autoresearch", str)).expanduser()  # all prepared data
+DATA_URL = _env("DATA_URL", CLIMBMIX_URL, str)  # where shards come from (a mirror, a test server)
 
-VAL_SHARD = 6542                            # the pinned ClimbMix validation shard (the last one)
-DEFAULT_NUM_SHARDS = 10                     # ClimbMix train shards downloaded by default
-DOWNLOAD_WORKERS = 8                        # parallel shard downloads
-DOWNLOAD_ATTEMPTS = 5                       # tries per shard before giving up
-DOWNLOAD_BACKOFF_S = 2.0                    # wait after the first failed try; doubles each time
-DOWNLOAD_TIMEOUT_S = 30                     # connect / read timeout of one request
+VAL_SHARD = 6542                                # the pinned ClimbMix validation shard (the last one)
+DEFAULT_NUM_SHARDS = 10                         # ClimbMix train shards downloaded by default
+DOWNLOAD_WORKERS = 8                            # parallel shard downloads
+DOWNLOAD_ATTEMPTS = 5                           # tries per shard before giving up
+DOWNLOAD_BACKOFF_S = 2.0                        # wait after the first failed try; doubles each time
+DOWNLOAD_TIMEOUT_S = 30                         # connect / read timeout of one request
 
-DOC_CHARS = 4000                            # local corpora: longest document (~half a 2048-token row)
-VAL_SHARE = 0.05                            # local corpora: share of documents in the val split
-LOCAL_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")  # file types --data reads
+DOC_CHARS = 4000                                # local corpora: longest document (~half a row)
+VAL_SHARE = 0.05                                # local corpora: share of documents in val
+LOCAL_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")  # the file types --data reads
 
-SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]  # the special tokens, ids at the top
-BOS_TOKEN = SPECIAL_TOKENS[0]               # begins every document
+SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]  # special tokens, the last 4 ids
+BOS_TOKEN = SPECIAL_TOKENS[0]                   # begins every document
+TOKENIZER_MAX_CHARS = 1_000_000_000             # tokenizer training reads at most this much text
+TOKENIZER_DOC_CHARS = 10_000                    # ... and at most this much of each document
+POOL_DOCS = 1000                                # dataloader: documents to choose from per row
 # GPT-4 style pre-tokenization split, numbers in groups of 1-2 (SPEC §2)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-TOKENIZER_MAX_CHARS = 1_000_000_000         # tokenizer training reads at most this much text
-TOKENIZER_DOC_CHARS = 10_000                # ... and at most this much of each document
-POOL_DOCS = 1000                            # dataloader: documents to choose from when packing a row
+
+# ---------------------------------------------------------------------------
+# Small helpers: messages, progress, records, atomic writes
+# ---------------------------------------------------------------------------
 
 
 def fail(message):
@@ -230,8 +229,8 @@ def download_climbmix(num_shards):
 # ---------------------------------------------------------------------------
 
 PARAGRAPH_BREAK = re.compile(r"\n[ \t]*(?:\n[ \t]*)+")  # one or more blank lines
-LINE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*[ \t]*(?=\n)")  # best cut: after a sentence ending a line
-SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*(?=\s)")     # next best: after any sentence end
+LINE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*[ \t]*(?=\n)")  # best cut: after a line's last sentence
+SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*(?=\s)")     # next: after any sentence end
 WHITESPACE = re.compile(r"\s")                                     # else before a space, else anywhere
 
 
@@ -311,7 +310,7 @@ def split_long(text, limit):
 
 
 def split_documents(text):
-    """Cut a text into documents of at most DOC_CHARS: blank-line-separated paragraphs grouped, long ones split."""
+    """Cut a text into documents of at most DOC_CHARS: paragraphs grouped, long ones split."""
     docs, current = [], ""
     for paragraph in PARAGRAPH_BREAK.split(text.replace("\r\n", "\n")):
         for piece in split_long(paragraph.strip("\n").rstrip(), DOC_CHARS):
@@ -377,7 +376,7 @@ class Tokenizer:
         return self.bos_token_id
 
     def encode(self, text, prepend=None, num_threads=8):
-        """Token ids of a text (a list) or of a list of texts (a list of lists); specials are plain text here."""
+        """Ids of a text (a list) or of a list of texts (a list of lists); specials in text stay text."""
         first = [] if prepend is None else [
             prepend if isinstance(prepend, int) else self.enc.encode_single_token(prepend)]
         if isinstance(text, str):
@@ -397,7 +396,7 @@ def get_token_bytes(device="cpu"):
 
 
 def train_tokenizer(source):
-    """Train the BPE on the train split, check it, save it with token_bytes and a record of its inputs."""
+    """Train the BPE on the train split, check it, save it, token_bytes and a record of its inputs."""
     out = CACHE_DIR / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # the old files are no longer vouched for
@@ -438,7 +437,8 @@ def train_tokenizer(source):
             fail(f"tokenizer sanity check failed on {s[:40]!r}; please report this")
     data = pickle.dumps({"pattern": SPLIT_PATTERN, "mergeable_ranks": ranks, "special_tokens": specials})
     write_atomic(out / "tokenizer.pkl", data)
-    token_bytes = [len(enc.decode_single_token_bytes(i)) for i in range(len(ranks))] + [0] * len(specials)
+    token_bytes = [len(enc.decode_single_token_bytes(i)) for i in range(len(ranks))]  # bytes, not text
+    token_bytes += [0] * len(specials)
     write_atomic(out / "token_bytes.npy", npy_bytes(np.array(token_bytes, dtype=np.int32)))
     meta = {"recipe": TOKENIZER_RECIPE, "inputs": describe_files(read), "complete": state["complete"],
             "fingerprint": hashlib.sha256(data).hexdigest()[:16]}
@@ -497,11 +497,13 @@ def tokenize_split(source, split, tokenizer):
     try:
         with open(tmp, "wb") as f:
             while batch := list(itertools.islice(docs, 4096)):
-                rows = tokenizer.encode(batch, prepend=tokenizer.bos_token_id, num_threads=os.cpu_count())
+                rows = tokenizer.encode(batch, prepend=tokenizer.bos_token_id,
+                                        num_threads=os.cpu_count())
                 f.write(np.concatenate([np.array(r, dtype=np.uint16) for r in rows]).tobytes())
                 lengths += map(len, rows)
                 n_tokens += sum(map(len, rows))
-                show_progress(f"tokenizing {split}: {len(lengths):,} documents, {n_tokens / 1e6:,.1f}M tokens")
+                show_progress(f"tokenizing {split}: {len(lengths):,} documents, "
+                              f"{n_tokens / 1e6:,.1f}M tokens")
         if not lengths:
             fail(f"the {split} split has no documents; add more text")
         show_progress(f"tokenized {split}: {len(lengths):,} documents, {n_tokens / 1e6:,.1f}M tokens",
@@ -547,7 +549,7 @@ def metric_files():
 
 
 def epoch_order(n_docs, split, epoch):
-    """Document order of one pass: val as stored, train shuffled by (SEED, epoch) the same on every run."""
+    """Document order of one pass: val as stored; train shuffled by (SEED, epoch), on every run alike."""
     if split == "val":
         return list(range(n_docs))
     return np.random.default_rng([SEED, epoch]).permutation(n_docs).tolist()
@@ -640,6 +642,23 @@ def evaluate_bpb(model, tokenizer, batch_size):
     return (total_nats / (math.log(2) * total_bytes)).item()
 
 
+def warn_if_val_repeats(tokenizer):
+    """Say plainly when evaluate_bpb's rows need more than one pass over the val documents."""
+    tokens, offsets = load_tokens("val", tokenizer)
+    doc_lens = np.diff(offsets).tolist()
+    if len(tokens) > 2 * EVAL_TOKENS:
+        return  # one pass is surely enough; skip counting rows
+    rows = pack_rows(doc_lens, MAX_SEQ_LEN + 1, lambda epoch: epoch_order(len(doc_lens), "val", epoch))
+    rows_per_pass = sum(1 for _ in itertools.takewhile(lambda row: row[1] == 1, rows))
+    n_rows = EVAL_TOKENS // MAX_SEQ_LEN
+    if n_rows > rows_per_pass:
+        print(f"note: evaluate_bpb scores {n_rows:,} rows of {MAX_SEQ_LEN} tokens (EVAL_TOKENS="
+              f"{EVAL_TOKENS:,}) but one pass over the val split ({len(tokens):,} tokens) makes only "
+              f"{rows_per_pass:,}, so the val text is scored ~{n_rows / rows_per_pass:.1f} times over; "
+              f"for one pass set AUTORESEARCH_EVAL_TOKENS={rows_per_pass * MAX_SEQ_LEN}, "
+              "or add more text")
+
+
 # ---------------------------------------------------------------------------
 # Main: source -> tokenizer -> token files
 # ---------------------------------------------------------------------------
@@ -650,7 +669,7 @@ def main(argv=None):
     parser.add_argument("--num-shards", type=int, default=DEFAULT_NUM_SHARDS,
                         help=f"ClimbMix train shards to download (default {DEFAULT_NUM_SHARDS})")
     parser.add_argument("--data", nargs="+", metavar="PATH",
-                        help="use your own .txt/.md/.jsonl/.parquet files or folders instead of ClimbMix")
+                        help="your own .txt/.md/.jsonl/.parquet files or folders instead of ClimbMix")
     args = parser.parse_args(argv)
     t0 = time.time()
     if args.data:
@@ -667,14 +686,9 @@ def main(argv=None):
             print(f"{split} tokens: up to date")
         else:
             meta[split] = tokenize_split(source, split, tokenizer)
-    n_val = meta["val"]["n_tokens"]
-    if n_val < EVAL_TOKENS:
-        print(f"note: the val split holds {n_val:,} tokens, fewer than the {EVAL_TOKENS:,} "
-              f"(EVAL_TOKENS) that evaluate_bpb scores, so it cycles through them "
-              f"~{EVAL_TOKENS / n_val:.1f} times; set AUTORESEARCH_EVAL_TOKENS={n_val} "
-              "(or less) for a shorter eval, or add more text")
+    warn_if_val_repeats(tokenizer)
     print(f"ready in {time.time() - t0:.1f}s: {meta['train']['n_tokens']:,} train tokens "
-          f"({meta['train']['n_docs']:,} documents), {n_val:,} val tokens "
+          f"({meta['train']['n_docs']:,} documents), {meta['val']['n_tokens']:,} val tokens "
           f"({meta['val']['n_docs']:,} documents) in {CACHE_DIR}")
 
 

@@ -26,33 +26,33 @@ from prepare import CACHE_DIR, EVAL_TOKENS, MAX_SEQ_LEN, SEED, TIME_BUDGET, Toke
 # Hyperparameters (edit these directly)
 # ---------------------------------------------------------------------------
 
-DEPTH = 8                     # transformer layers
-ASPECT_RATIO = 64             # model dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
-HEAD_DIM = 128                # channels per attention head
-WINDOW_PATTERN = "SSSL"       # per-layer attention window, repeated: S = half context, L = full; last layer is L
-VE_GATE_CHANNELS = 32         # value-embedding gate reads this many leading channels of the attention input
-SOFTCAP = 15.0                # logits soft-cap: SOFTCAP * tanh(logits / SOFTCAP)
-TOTAL_BATCH_SIZE = 2**19      # tokens per optimizer step (gradient accumulation fills it)
-DEVICE_BATCH_SIZE = 128       # rows per micro-step; lower it first when memory is short
-EMBEDDING_LR = 0.6            # AdamW lr of the token embedding (scaled by (dim/768)^-0.5)
-VALUE_EMBEDDING_LR = 0.6      # AdamW lr of the value embeddings (scaled by (dim/768)^-0.5)
-UNEMBEDDING_LR = 0.004        # AdamW lr of lm_head (scaled by (dim/768)^-0.5)
-RESID_LAMBDA_LR = 0.005       # AdamW lr of the per-layer residual scales
-X0_LAMBDA_LR = 0.5            # AdamW lr of the per-layer x0 mixing scales
-ADAM_BETAS = (0.8, 0.95)      # AdamW betas (x0 lambdas use X0_LAMBDA_BETAS)
-X0_LAMBDA_BETAS = (0.96, 0.95)
-ADAM_EPS = 1e-10              # AdamW epsilon
-MATRIX_LR = 0.04              # Muon lr, times sqrt(max(1, rows/cols)) per matrix shape
-MUON_MOMENTUM_START = 0.85    # Muon momentum ramps linearly from this ...
-MUON_MOMENTUM_END = 0.95      # ... to this ...
+DEPTH = 8                       # transformer layers
+ASPECT_RATIO = 64               # model dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
+HEAD_DIM = 128                  # channels per attention head
+WINDOW_PATTERN = "SSSL"         # per-layer attention window, repeated: S = half context, L = full; last layer is L
+VE_GATE_CHANNELS = 32           # value-embedding gate reads this many leading channels of the attention input
+SOFTCAP = 15.0                  # logits soft-cap: SOFTCAP * tanh(logits / SOFTCAP)
+TOTAL_BATCH_SIZE = 2**19        # tokens per optimizer step (gradient accumulation fills it)
+DEVICE_BATCH_SIZE = 128         # rows per micro-step; lower it first when memory is short
+EMBEDDING_LR = 0.6              # AdamW lr of the token embedding (scaled by (dim/768)^-0.5)
+VALUE_EMBEDDING_LR = 0.6        # AdamW lr of the value embeddings (scaled by (dim/768)^-0.5)
+UNEMBEDDING_LR = 0.004          # AdamW lr of lm_head (scaled by (dim/768)^-0.5)
+RESID_LAMBDA_LR = 0.005         # AdamW lr of the per-layer residual scales
+X0_LAMBDA_LR = 0.5              # AdamW lr of the per-layer x0 mixing scales
+ADAM_BETAS = (0.8, 0.95)        # AdamW betas (x0 lambdas use X0_LAMBDA_BETAS)
+X0_LAMBDA_BETAS = (0.96, 0.95)  # AdamW betas of the x0 lambdas
+ADAM_EPS = 1e-10                # AdamW epsilon
+MATRIX_LR = 0.04                # Muon lr, times sqrt(max(1, rows/cols)) per matrix shape
+MUON_MOMENTUM_START = 0.85      # Muon momentum ramps linearly from this ...
+MUON_MOMENTUM_END = 0.95        # ... to this ...
 MUON_MOMENTUM_RAMP_STEPS = 300  # ... over this many steps
-NORMUON_BETA = 0.95           # NorMuon second-moment EMA factor
-WEIGHT_DECAY = 0.2            # Muon cautious weight decay, decays linearly to 0 with progress
-WARMUP_RATIO = 0.0            # fraction of the budget with linear LR warm-up
-WARMDOWN_RATIO = 0.5          # fraction of the budget at the end with linear LR warm-down
-FINAL_LR_FRAC = 0.0           # LR multiplier at the very end of the warm-down
-WARMUP_STEPS = 11             # steps 0..10 compile and warm up: their time is not counted
-GC_EVERY_STEPS = 5000         # run Python's (otherwise disabled) garbage collector this often
+NORMUON_BETA = 0.95             # NorMuon second-moment EMA factor
+WEIGHT_DECAY = 0.2              # Muon cautious weight decay, decays linearly to 0 with progress
+WARMUP_RATIO = 0.0              # fraction of the budget with linear LR warm-up
+WARMDOWN_RATIO = 0.5            # fraction of the budget at the end with linear LR warm-down
+FINAL_LR_FRAC = 0.0             # LR multiplier at the very end of the warm-down
+WARMUP_STEPS = 11               # steps 0..10 compile and warm up: their time is not counted
+GC_EVERY_STEPS = 5000           # run Python's (otherwise disabled) garbage collector this often
 
 # ---------------------------------------------------------------------------
 # GPU peak throughput (facts for MFU, not hyperparameters)
@@ -421,9 +421,6 @@ def muon_weight_decay(progress):
 # Device checks
 # ---------------------------------------------------------------------------
 
-LOWER_HINT = "lower DEVICE_BATCH_SIZE (gradient accumulation keeps TOTAL_BATCH_SIZE), DEPTH, or AUTORESEARCH_MAX_SEQ_LEN"
-
-
 def estimate_memory_bytes(num_params, config, tokens_per_micro_step):
     """Rough peak training memory: 16 B/param (fp32 weights, grads, optimizer state) plus per-token
     activations (fp32 logits + their gradient, ~28 B per layer per channel), calibrated on the
@@ -436,8 +433,8 @@ def check_cuda_device(bf16_supported, free_bytes, need_bytes):
     """Fail fast, naming the constants to change, on a GPU that cannot run these settings."""
     assert bf16_supported, "this GPU has no bf16 support (needs compute capability >= 8.0, e.g. A100, RTX 30xx or newer)"
     assert need_bytes <= free_bytes, (
-        f"not enough GPU memory: about {need_bytes / 2**30:.1f} GiB needed, {free_bytes / 2**30:.1f} GiB free; "
-        + LOWER_HINT)
+        f"not enough GPU memory: about {need_bytes / 2**30:.1f} GiB needed, {free_bytes / 2**30:.1f} GiB free; lower "
+        "DEVICE_BATCH_SIZE (gradient accumulation keeps TOTAL_BATCH_SIZE), DEPTH, or AUTORESEARCH_MAX_SEQ_LEN")
 
 
 # ---------------------------------------------------------------------------

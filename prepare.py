@@ -260,12 +260,19 @@ def read_texts(path):
             f = pq.ParquetFile(path)
         except (OSError, pa.ArrowException) as e:
             fail(f"{path}: not a readable parquet file ({str(e)[:80]})")
-        if "text" not in f.schema_arrow.names:
-            fail(f"{path}: no 'text' column (columns: {', '.join(f.schema_arrow.names)})")
-        for batch in f.iter_batches(columns=["text"], batch_size=1024):
-            yield from (t for t in batch.column(0).to_pylist() if t)
+        schema = f.schema_arrow
+        if "text" not in schema.names or schema.field("text").type not in (pa.string(), pa.large_string()):
+            fail(f"{path}: no 'text' column of strings (columns: {', '.join(schema.names)})")
+        try:
+            for batch in f.iter_batches(columns=["text"], batch_size=1024):
+                yield from (t for t in batch.column(0).to_pylist() if t)
+        except (OSError, pa.ArrowException) as e:
+            fail(f"{path}: damaged parquet file ({str(e)[:80]}); replace or delete it")
         return
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        fail(f"{path}: cannot read it ({e.strerror})")
     if b"\0" in raw:
         nul_at = raw.index(b"\0")
         fail(f"{path}: binary data (a NUL byte at offset {nul_at}); only UTF-8 text is read")

@@ -129,7 +129,8 @@ def bad_corpus(tmp_path, name, content):
     ("a.txt", "caf\u00e9".encode("latin-1"), r"a\.txt: not UTF-8 text \(invalid byte at offset 3\)"),
     ("a.jsonl", b'{"text": "ok"}\n\n{"body": "no text"}\n', r'a\.jsonl:3: no "text" string field'),
     ("a.jsonl", b'{"text": "ok"}\n{"text": \n', r"a\.jsonl:2: not a JSON object"),
-    ("a.parquet", pa.table({"body": ["x"]}), r"a\.parquet: no 'text' column \(columns: body\)"),
+    ("a.parquet", pa.table({"body": ["x"]}), r"a\.parquet: no 'text' column of strings \(columns: body\)"),
+    ("a.parquet", pa.table({"text": [1]}), r"a\.parquet: no 'text' column of strings \(columns: text\)"),
     ("a.parquet", b"PAR1 not really", r"a\.parquet: not a readable parquet file"),
     ("a.pdf", b"%PDF", r"a\.pdf: unsupported file type"),
     ("a.txt", b"  \n\n \n", r"no text to train on in .*a\.txt: the corpus is empty"),
@@ -143,6 +144,15 @@ def test_bad_input_is_one_clear_line(cache, tmp_path, name, content, message):
         assert re.search(message, text) and str(path) in text and "\n" not in text
         assert not (cache / "tokenizer" / "meta.json").exists()
         assert not (cache / "tokens").exists()
+
+
+def test_damaged_parquet_pages_are_one_clear_line(cache, tmp_path):
+    path = bad_corpus(tmp_path, "a.parquet", pa.table({"text": [f"doc {i} " * 50 for i in range(2000)]}))
+    data = bytearray(path.read_bytes())
+    data[100:2000] = b"\xff" * 1900  # the first data page; the footer stays intact
+    path.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=r"a\.parquet: damaged parquet file .*; replace or delete it"):
+        prepare.main(["--data", str(path)])
 
 
 def test_missing_path_and_empty_folder(cache, tmp_path):

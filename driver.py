@@ -86,6 +86,8 @@ PRICES_PER_MTOK = {
 
 SECRET_ENV_RE = re.compile(r"API_?KEY|TOKEN|SECRET|PASSW|CREDENTIAL|^ANTHROPIC_|^OPENAI_|^CLAUDE_")
 SETTINGS_KEYS = ("max_seq_len", "time_budget", "eval_tokens")
+PREPARE_API = ("MAX_SEQ_LEN", "TIME_BUDGET", "EVAL_TOKENS", "VOCAB_SIZE", "SEED", "Tokenizer",
+               "get_token_bytes", "make_dataloader", "evaluate_bpb")  # shown to the model
 EXTRA_RUN_RE = re.compile(r"^(repeat|noise run)\b")  # descriptions of rows that are not new ideas
 
 SYSTEM_PROMPT = f"""You are an autonomous ML researcher. Each turn you propose ONE experiment:
@@ -248,24 +250,30 @@ EDIT_TOOL = {
 
 
 def fixed_prepare_parts(source):
-    """The parts of prepare.py the model needs: CAPS constants, the metric in full, and
-    the signatures and docstrings of the rest of its public API."""
+    """What the model needs of prepare.py: the constants in force, the API train.py uses
+    (signatures and docstrings) and the metric in full."""
     tree = ast.parse(source)
+
+    def signature(node, indent=""):
+        head = ast.get_source_segment(source, node).split(":\n", 1)[0] + ":"
+        doc = ast.get_docstring(node)
+        doc = f'\n{indent}    """' + doc.replace("\n", f"\n{indent}    ") + '"""' if doc else ""
+        return indent + head.strip() + doc
+
     parts = []
     for node in tree.body:
-        text = ast.get_source_segment(source, node) or ""
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if all(isinstance(t, ast.Name) and t.id.isupper() for t in targets):
-                parts.append(text)
-        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
-            if node.name == "evaluate_bpb":
-                parts.append(text)
-            else:
-                head = text.split("\n")[0] if isinstance(node, ast.ClassDef) else \
-                    text[:text.find(":\n") + 1] if ":\n" in text else text.split("\n")[0]
-                doc = ast.get_docstring(node)
-                parts.append(head + (f'\n    """{doc}"""' if doc else "") + "\n    ...")
+            if any(isinstance(t, ast.Name) and t.id in PREPARE_API for t in targets):
+                parts.append(ast.get_source_segment(source, node))
+        elif isinstance(node, ast.FunctionDef) and node.name == "evaluate_bpb":
+            parts.append(ast.get_source_segment(source, node))
+        elif isinstance(node, ast.FunctionDef) and node.name in PREPARE_API:
+            parts.append(signature(node) + "\n    ...")
+        elif isinstance(node, ast.ClassDef) and node.name in PREPARE_API:
+            methods = [signature(m, "    ") + "\n        ..." for m in node.body
+                       if isinstance(m, ast.FunctionDef) and not m.name.startswith("_")]
+            parts.append("\n\n".join([signature(node)] + methods))
     return "\n\n".join(parts)
 
 
@@ -284,13 +292,15 @@ def history_text(tsv_path, best, sigma, greedy):
     return "\n".join(out)
 
 
-def build_request(model, repo, program_md, train_py, history, messages_tail):
+def build_request(model, repo, settings, program_md, train_py, history, messages_tail):
     """The Messages API request: the static parts first, with prompt-caching breakpoints."""
     prepare_text = fixed_prepare_parts((Path(repo) / "prepare.py").read_text())
+    in_force = ", ".join(f"{k.upper()} = {v}" for k, v in settings.items())
     system = [
         {"type": "text", "text": SYSTEM_PROMPT},
         {"type": "text", "text": "The fixed parts of prepare.py (read-only):\n\n```python\n"
-         + prepare_text + "\n```", "cache_control": {"type": "ephemeral"}},
+         + prepare_text + f"\n```\n\nValues in force for this run: {in_force}.",
+         "cache_control": {"type": "ephemeral"}},
         {"type": "text", "text": "program.md (the research instructions):\n\n" + program_md,
          "cache_control": {"type": "ephemeral"}},
     ]
@@ -397,7 +407,7 @@ def ask_llm(ctx, st, exp_dir, messages, source):
     """Ask for an edit until one validates (EDIT_ATTEMPTS). Returns (description, new source)
     or (None, None); messages (the conversation after the first user turn) grow in place."""
     for _ in range(EDIT_ATTEMPTS):
-        request = build_request(ctx["model"], ctx["repo"], (ctx["repo"] / "program.md").read_text()
+        request = build_request(ctx["model"], ctx["repo"], st["settings"], (ctx["repo"] / "program.md").read_text()
                                 if (ctx["repo"] / "program.md").exists() else "(no program.md)",
                                 st["context_train_py"], history_text(ctx["tsv"], st["best"],
                                                                      st["sigma"], ctx["greedy"]),
@@ -450,7 +460,8 @@ def add_spend(ctx, st, exp_dir, usage):
 
 def training_env(seed):
     """The driver's environment minus anything that looks like a credential."""
-    env = {k: v for k, v in os.environ.items() if not SECRET_ENV_RE.search(k.upper())}
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("AUTORESEARCH_") or not SECRET_ENV_RE.search(k.upper())}
     env["AUTORESEARCH_SEED"] = str(seed)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -995,7 +1006,7 @@ def report(tsv_path, journal_path=None, png_path=None):
         raise SystemExit(f"autoresearch: no {tsv_path}; run `python driver.py` first")
     rows = read_tsv(tsv_path)
     st = json.loads(Path(journal_path).read_text()) if journal_path and Path(journal_path).exists() else None
-    ideas = [r for r in rows if not EXTRA_RUN_RE.match(r["description"])]
+    ideas = [r for r in rows if not EXTRA_RUN_RE.match(r["description"])][1:]  # after the baseline
     kept = [r for r in ideas if r["status"] == "keep"]
     crashes = [r for r in ideas if r["status"] == "crash"]
     groups = {}
@@ -1003,15 +1014,16 @@ def report(tsv_path, journal_path=None, png_path=None):
         if r["status"] != "crash":
             groups.setdefault(r["commit"], []).append(r["val_bpb"])
     sigma = pooled_std(list(groups.values()))
-    lines = [f"experiments: {len(ideas)} ({len(rows)} runs in all), kept {len(kept)}, "
-             f"crash rate {len(crashes) / max(len(ideas), 1):.0%}"]
-    if kept:
-        base = statistics.fmean(groups[kept[0]["commit"]])
-        best = statistics.fmean(groups[kept[-1]["commit"]])
-        lines.append(f"val_bpb: baseline {base:.6f} -> best {best:.6f} ({best - base:+.6f}, "
-                     f"{kept[-1]['commit']}: {kept[-1]['description']})")
+    lines = [f"experiments: {len(ideas)} after the baseline ({len(rows)} runs in all), kept "
+             f"{len(kept)}, crash rate {len(crashes) / max(len(ideas), 1):.0%}"]
+    if rows and rows[0]["status"] == "keep":
+        chain = [rows[0]] + kept
+        base = statistics.fmean(groups[chain[0]["commit"]])
+        best = statistics.fmean(groups[chain[-1]["commit"]])
+        lines.append(f"val_bpb (mean over seeds): baseline {base:.6f} -> best {best:.6f} ({best - base:+.6f}, "
+                     f"{chain[-1]['commit']}: {chain[-1]['description']})")
         steps = [(statistics.fmean(groups[a["commit"]]) - statistics.fmean(groups[b["commit"]]), b)
-                 for a, b in zip(kept, kept[1:])]
+                 for a, b in zip(chain, chain[1:])]
         if steps:
             lines.append("top improvements:")
             for gain, r in sorted(steps, key=lambda s: -s[0])[:5]:
@@ -1075,7 +1087,7 @@ def plot_progress(rows, groups, sigma, png_path):
             ax.fill_between(xs, [y - sigma for y in ys], [y + sigma for y in ys], step="post",
                             color="#2a9d3a", alpha=0.15, label=f"noise band ±σ (σ = {sigma:.5f})")
         for i, r in kept:
-            ax.annotate(r["description"][:40], (i, r["val_bpb"]), textcoords="offset points",
+            ax.annotate(r["description"].split(" [")[0][:40], (i, r["val_bpb"]), textcoords="offset points",
                         xytext=(4, 6), rotation=25, fontsize=7.5, color="#1b5e20")
         vals = [r["val_bpb"] for _, r in ok]
         top = keep_at[kept[0][0]]
@@ -1084,8 +1096,8 @@ def plot_progress(rows, groups, sigma, png_path):
     crashes = sum(r["status"] == "crash" for r in rows)
     ax.set_xlabel(f"run # ({len(rows)} runs, {crashes} crashed and not shown)")
     ax.set_ylabel("val_bpb (lower is better)")
-    ax.set_title(f"autoresearch progress: {len(kept)} kept of "
-                 f"{sum(not EXTRA_RUN_RE.match(r['description']) for r in rows)} experiments")
+    ax.set_title(f"autoresearch progress: {len(kept) - 1} kept of "
+                 f"{sum(not EXTRA_RUN_RE.match(r['description']) for r in rows) - 1} experiments after the baseline")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()

@@ -2,6 +2,7 @@
 tmp_path and stand-in training scripts. Run: python -m pytest tests/test_driver.py"""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from driver_helpers import (BASE_LINE, MODE_LINE, STANDINS, branch_log, driver, fake, git,  # noqa: F401
+from driver_helpers import (BASE_LINE, MAIN, MODE_LINE, STANDINS, branch_log, driver, fake, git,  # noqa: F401
                             pid_gone, repo, rows, run)
 from fake_anthropic import edit, error
 
@@ -38,7 +39,8 @@ def test_baseline_keep_and_revert(repo, fake):
     req = fake.requests[1]
     system = "\n".join(b["text"] for b in req["system"])
     assert "Lower val_bpb. One idea per experiment." in system
-    assert "TIME_BUDGET = " in system and "def evaluate_bpb" in system and "def metric_files" in system
+    assert "TIME_BUDGET = " in system and "def evaluate_bpb" in system and "def metric_files" not in system
+    assert "Values in force for this run: MAX_SEQ_LEN = 2048, TIME_BUDGET = 5, EVAL_TOKENS = 20971520." in system
     user = "\n".join(b["text"] for b in req["messages"][0]["content"])
     assert "TRUE_BPB = 0.990000" in user  # the current (best) train.py
     assert "lower bpb   <- best so far" in user and "baseline" in user
@@ -153,11 +155,13 @@ def test_no_credentials_in_the_training_environment(repo, fake, monkeypatch):
     for name in ("OPENAI_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "MY_SERVICE_TOKEN", "ANTHROPIC_AUTH_TOKEN"):
         monkeypatch.setenv(name, "secret")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", "4096")  # settings pass, though the name says TOKEN
     assert run("--max-experiments", "0", "--greedy") == 0
     log = (repo / "runs/t/0000/train.log").read_text()
     env = json.loads(log.split("env: ")[1].split("\n")[0])
-    assert not [k for k in env if "KEY" in k or "TOKEN" in k or "SECRET" in k or k.startswith("ANTHROPIC")]
-    assert "AUTORESEARCH_SEED" in env and "AUTORESEARCH_CACHE" in env and "CUDA_VISIBLE_DEVICES" in env
+    assert not [k for k in env if ("KEY" in k or "TOKEN" in k or "SECRET" in k or k.startswith("ANTHROPIC"))
+                and not k.startswith("AUTORESEARCH_")]
+    assert "AUTORESEARCH_EVAL_TOKENS" in env and "AUTORESEARCH_SEED" in env and "AUTORESEARCH_CACHE" in env and "CUDA_VISIBLE_DEVICES" in env
     assert "sk-ant-test-secret" not in log
 
 
@@ -230,7 +234,7 @@ def test_report_on_a_sample_results_tsv(tmp_path, capsys):
     png = tmp_path / "progress.png"
     assert driver.main(["report", "--tsv", str(tmp_path / "results.tsv"), "--png", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "experiments: 6 (6 runs in all), kept 3, crash rate 17%" in out
+    assert "experiments: 5 after the baseline (6 runs in all), kept 2, crash rate 20%" in out
     assert "baseline 0.997900 -> best 0.985000 (-0.012900, e5f6g7h: warmdown 0.6)" in out
     top = out.split("top improvements:")[1].splitlines()
     assert "warmdown 0.6" in top[1] and "increase LR" in top[2]  # largest gain first
@@ -300,3 +304,40 @@ def test_ctrl_c_stops_training_cleanly_and_resumes(repo, fake, tmp_path, slow_on
     assert restart.wait(timeout=60) == 0
     assert [x["description"] for x in rows(repo)] == ["baseline", "slow but good"]
     assert len(fake.requests) == 1
+
+
+# ---------------------------------------------------------------------------
+# The real train.py through the whole loop (CPU, small settings; uses prepared_cache)
+# ---------------------------------------------------------------------------
+
+SMALL_TRAIN = {"DEPTH": "2", "ASPECT_RATIO": "32", "HEAD_DIM": "32", "TOTAL_BATCH_SIZE": "1024", "WARMUP_STEPS": "2",
+               "DEVICE_BATCH_SIZE": "4"}
+
+
+def test_real_train_py_through_the_whole_loop(repo, fake, prepared_cache, monkeypatch):
+    """THE REAL train.py and prepare.py (small CAPS constants, 2 s budget, CPU): baseline, one
+    LLM edit, commit, run, parse, decide, row."""
+    import re
+    shutil.copy(MAIN / "prepare.py", repo)
+    source = (MAIN / "train.py").read_text()
+    for name, value in SMALL_TRAIN.items():
+        source, n = re.subn(rf"^{name} = [^#\n]*?(\s*#|$)", rf"{name} = {value}\1", source, count=1, flags=re.M)
+        assert n == 1, f"{name} not found in train.py"
+    (repo / "train.py").write_text(source)
+    git(repo, "commit", "-q", "-am", "real train.py, small")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(prepared_cache))
+    monkeypatch.setenv("AUTORESEARCH_MAX_SEQ_LEN", "128")
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "2")
+    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", str(16 * 128))
+    lr_line = next(l for l in source.splitlines() if l.startswith("MATRIX_LR = "))
+    fake.replies += [edit("lower Muon lr", (lr_line, lr_line.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.03")))]
+    assert run("--max-experiments", "1", "--greedy", "--timeout", "300", "--fix-attempts", "0") == 0
+    r = rows(repo)
+    log = (repo / "runs/t/0000/train.log").read_text()
+    assert [x["status"] for x in r][0] == "keep", log[-3000:]
+    assert r[1]["status"] in ("keep", "discard"), (repo / "runs/t/0001/train.log").read_text()[-3000:]
+    for x in r:
+        assert 0 < float(x["val_bpb"]) < 20
+    assert "MATRIX_LR = 0.03" in (repo / "runs/t/0001/diff.patch").read_text()
+    assert "TIME_BUDGET = " in json.dumps(fake.requests[0]["system"]) and "def make_dataloader" in json.dumps(
+        fake.requests[0]["system"])

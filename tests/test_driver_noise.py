@@ -4,6 +4,7 @@ AUTORESEARCH_SEED and DATA_ORDER, so every outcome below is deterministic.
 Run: python -m pytest tests/test_driver_noise.py"""
 
 import json
+import random
 import re
 
 import pytest
@@ -140,3 +141,48 @@ def test_a_changed_metric_stops_the_run(noisy, fake, mode):
     with pytest.raises(SystemExit) as again:  # and the run cannot be resumed on the changed metric
         run("--max-experiments", "2")
     assert "changed since run t started" in str(again.value)
+
+
+def night_of_ideas(n_ideas, seed=0):
+    """Scripted LLM for a simulated night: each idea moves the true val_bpb of the current best
+    train.py by a drawn effect (half worse, a third neutral, the rest real gains of 0.5-3 sigma)
+    and sets a fresh DATA_ORDER (so every file differs and neutral ideas reshuffle the noise)."""
+    rng = random.Random(seed)
+    ideas = {}
+
+    def reply(request):
+        train_py = request["messages"][0]["content"][0]["text"]
+        true_bpb = float(re.search(r"TRUE_BPB = ([\d.]+)", train_py)[1])
+        order = re.search(r"DATA_ORDER = (\d+)", train_py)[1]
+        u = rng.random()
+        effect = 0.001 * (rng.uniform(0.5, 4) if u < 0.5 else 0.0 if u < 0.85 else -rng.uniform(0.5, 3))
+        name = f"idea {len(ideas) + 1}"
+        ideas[name] = (true_bpb, round(true_bpb + effect, 6))
+        return edit(name, (f"TRUE_BPB = {true_bpb:.6f}", f"TRUE_BPB = {true_bpb + effect:.6f}"),
+                    (f"DATA_ORDER = {order}", f"DATA_ORDER = {len(ideas) + 1000}"))
+    return [reply] * n_ideas, ideas
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "noise-aware"])
+def test_simulated_night_of_100_experiments(noisy, fake, greedy, capsys):
+    """The whole driver, 100 experiments on stand-ins. A false keep is a kept idea whose true
+    val_bpb is not lower than the best's. The figures are printed (pytest -s shows them)."""
+    replies, ideas = night_of_ideas(100)
+    fake.replies += replies
+    assert run("--max-experiments", "100", *(["--greedy"] if greedy else [])) == 0
+    r = rows(noisy)
+    kept = [x for x in r if x["status"] == "keep" and x["description"].split(" [")[0] in ideas]
+    false_keeps = [x for x in kept if ideas[x["description"].split(" [")[0]][1] >=
+                   ideas[x["description"].split(" [")[0]][0]]
+    st = json.loads((noisy / "runs/t/journal.json").read_text())
+    noise_share = st["run_counts"]["noise"] / st["run_counts"]["total"]
+    final_true = float(re.search(r"TRUE_BPB = ([\d.]+)", (noisy / "train.py").read_text())[1])
+    with capsys.disabled():
+        print(f"\n{'greedy' if greedy else 'noise-aware'}: {len(kept)} kept, {len(false_keeps)} false keeps "
+              f"({len(false_keeps) / max(len(kept), 1):.0%}), {len(r)} runs, noise handling "
+              f"{noise_share:.0%} of runs, true val_bpb 1.000000 -> {final_true:.6f}")
+    if greedy:
+        assert len(false_keeps) / len(kept) > 0.3
+    else:
+        assert len(false_keeps) / max(len(kept), 1) <= 0.15 and len(kept) >= 2
+        assert noise_share <= 0.26

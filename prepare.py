@@ -91,11 +91,11 @@ _last_progress_s = 0.0
 
 
 def show_progress(text, final=False):
-    """Rewrite one status line on stderr, at most four times a second."""
+    """A status line on stderr: redrawn in place on a terminal, a new line every 15 s in a log."""
     global _last_progress_s
-    now = time.monotonic()
-    if final or now - _last_progress_s >= 0.25:
-        sys.stderr.write("\r" + text.ljust(72) + ("\n" if final else ""))
+    now, tty = time.monotonic(), sys.stderr.isatty()
+    if final or now - _last_progress_s >= (0.25 if tty else 15):
+        sys.stderr.write("\r" + text.ljust(72) + ("\n" if final else "") if tty else text + "\n")
         sys.stderr.flush()
         _last_progress_s = now
 
@@ -217,7 +217,8 @@ def download_climbmix(num_shards):
                 stop.set()
                 for future in pending:
                     future.cancel()
-                sys.stderr.write("\n")
+                if sys.stderr.isatty():
+                    sys.stderr.write("\n")  # end the progress line
                 if isinstance(e, DownloadError):
                     fail(str(e))
                 raise
@@ -510,10 +511,10 @@ def tokenize_split(source, split, tokenizer):
                 lengths += map(len, rows)
                 n_tokens += sum(map(len, rows))
                 show_progress(f"tokenizing {split}: {len(lengths):,} documents, "
-                              f"{n_tokens / 1e6:,.1f}M tokens")
+                              f"{n_tokens:,} tokens")
         if not lengths:
             fail(f"the {split} split has no documents; add more text")
-        show_progress(f"tokenized {split}: {len(lengths):,} documents, {n_tokens / 1e6:,.1f}M tokens",
+        show_progress(f"tokenized {split}: {len(lengths):,} documents, {n_tokens:,} tokens",
                       final=True)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         write_atomic(offsets_path, npy_bytes(offsets))

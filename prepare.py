@@ -38,10 +38,10 @@ import torch
 # ---------------------------------------------------------------------------
 
 
-def _env(name, default, kind=int):
-    """AUTORESEARCH_<name> if set (a positive whole number unless kind is str), else default."""
+def _env(name, default):
+    """AUTORESEARCH_<name> if set, else default; a number must be a positive whole number."""
     value = os.environ.get(f"AUTORESEARCH_{name}")
-    if value is None or kind is str:
+    if value is None or isinstance(default, str):
         return default if value is None else value
     if not value.strip().isdigit() or int(value) <= 0:
         raise SystemExit(f"error: AUTORESEARCH_{name}={value!r} must be a positive whole number")
@@ -55,8 +55,8 @@ TIME_BUDGET = _env("TIME_BUDGET", 300)          # training seconds per experimen
 EVAL_TOKENS = _env("EVAL_TOKENS", 40 * 524288)  # tokens scored by evaluate_bpb
 VOCAB_SIZE = 8192                               # BPE vocabulary, special tokens included
 SEED = _env("SEED", 42)                         # the run's seed (the driver sets it): init, train order
-CACHE_DIR = Path(_env("CACHE", "~/.cache/autoresearch", str)).expanduser()  # all prepared data
-DATA_URL = _env("DATA_URL", CLIMBMIX_URL, str)  # where shards come from (a mirror, a test server)
+CACHE_DIR = Path(_env("CACHE", "~/.cache/autoresearch")).expanduser()  # all prepared data
+DATA_URL = _env("DATA_URL", CLIMBMIX_URL)       # where shards come from (a mirror, a test server)
 
 VAL_SHARD = 6542                                # the pinned ClimbMix validation shard (the last one)
 DEFAULT_NUM_SHARDS = 10                         # ClimbMix train shards downloaded by default

@@ -341,3 +341,36 @@ def test_real_train_py_through_the_whole_loop(repo, fake, prepared_cache, monkey
     assert "MATRIX_LR = 0.03" in (repo / "runs/t/0001/diff.patch").read_text()
     assert "TIME_BUDGET = " in json.dumps(fake.requests[0]["system"]) and "def make_dataloader" in json.dumps(
         fake.requests[0]["system"])
+
+
+class Killed(BaseException):
+    """Stands for kill -9 at one exact instant (nothing after it runs but `finally` blocks)."""
+
+
+@pytest.mark.parametrize("where", ["call_llm", "commit_candidate", "run_training", "append_rows", "save_state"])
+def test_killed_at_any_step_then_restarted(repo, fake, monkeypatch, where):
+    """Die right after a step (after the LLM reply, the commit, the run, the row, the journal
+    write of the final decision) and restart: the same rows once each, the kept commit on the
+    branch, nothing stray."""
+    fake.replies += [edit("lower", (BASE_LINE, "TRUE_BPB = 0.990000")),
+                     edit("lower again", ("TRUE_BPB = 0.990000", "TRUE_BPB = 0.980000"))]
+    assert run("--max-experiments", "0", "--greedy") == 0
+    original = getattr(driver, where)
+    calls = []
+
+    def dies_after(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append(where)
+        if where != "save_state" or (args[1].get("pending") or {}).get("final"):
+            raise Killed
+        return result
+    monkeypatch.setattr(driver, where, dies_after)
+    with pytest.raises(Killed):
+        run("--max-experiments", "2", "--greedy")
+    monkeypatch.setattr(driver, where, original)
+    if where == "call_llm":
+        fake.replies.insert(0, edit("lower", (BASE_LINE, "TRUE_BPB = 0.990000")))  # asked again
+    assert run("--max-experiments", "2", "--greedy") == 0
+    assert [x["description"] for x in rows(repo)] == ["baseline", "lower", "lower again"]
+    assert branch_log(repo) == ["lower again", "lower", "initial"]
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""

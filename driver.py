@@ -845,7 +845,7 @@ def start_run(args, repo):
         run_dir.mkdir(parents=True, exist_ok=True)
         head = git(repo, "rev-parse", "HEAD")
         st = {"tag": args.tag, "branch": branch, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "settings": settings, "metric_hashes": hashes, "greedy": args.greedy,
+              "settings": settings, "metric_hashes": hashes,
               "best": {"commit": head, "description": "baseline", "vals": []},
               "groups": {}, "sigma": None, "rows": 0, "next_n": 0, "next_seed": BASE_SEED,
               "tried": [sha256_bytes((repo / "train.py").read_bytes())],
@@ -949,8 +949,9 @@ def drive(args):
                 if args.max_experiments is not None and done >= args.max_experiments and st["best"]["vals"]:
                     print(f"stopping: {done} experiments done (--max-experiments)")
                     break
-                if deadline and time.time() >= deadline:
-                    print("stopping: deadline reached")
+                typical_run_s = st["gpu_s"]["total"] / max(st["run_counts"]["total"], 1)
+                if deadline and time.time() + typical_run_s >= deadline:
+                    print("stopping: the deadline comes before another run could finish")
                     break
                 if args.max_cost and st["spend"]["usd"] >= args.max_cost:
                     print(f"stopping: spend ${st['spend']['usd']:.2f} reached --max-cost")
@@ -1053,6 +1054,7 @@ def plot_progress(rows, groups, sigma, png_path):
     """val_bpb per run, kept ones marked and labelled, the running best with its noise band."""
     try:
         import matplotlib
+        import matplotlib.ticker
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -1094,6 +1096,7 @@ def plot_progress(rows, groups, sigma, png_path):
         span = max(top - min(vals), 1e-4)
         ax.set_ylim(min(vals) - 0.15 * span, top + 0.6 * span)  # worse runs beyond this are clipped
     crashes = sum(r["status"] == "crash" for r in rows)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel(f"run # ({len(rows)} runs, {crashes} crashed and not shown)")
     ax.set_ylabel("val_bpb (lower is better)")
     ax.set_title(f"autoresearch progress: {len(kept) - 1} kept of "

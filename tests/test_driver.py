@@ -194,6 +194,17 @@ def test_resume_continues_the_same_run(repo, fake, capsys):
     assert branch_log(repo) == ["b", "a", "initial"]
 
 
+def test_parse_deadline():
+    import datetime
+    evening = datetime.datetime(2026, 11, 22, 21, 0)
+    assert driver.parse_deadline("07:30", evening) == datetime.datetime(2026, 11, 23, 7, 30).timestamp()
+    assert driver.parse_deadline("22:15", evening) == datetime.datetime(2026, 11, 22, 22, 15).timestamp()
+    assert driver.parse_deadline("8h", evening) == evening.timestamp() + 8 * 3600
+    assert driver.parse_deadline("90m", evening) == evening.timestamp() + 90 * 60
+    with pytest.raises(SystemExit, match="give a time like 07:30"):
+        driver.parse_deadline("tomorrow", evening)
+
+
 def test_stop_conditions_deadline_and_spend(repo, fake, capsys):
     fake.replies += [edit("a", (BASE_LINE, "TRUE_BPB = 0.990000")), edit("b", (BASE_LINE, "TRUE_BPB = 0.980000"))]
     assert run("--max-cost", "0.00001", "--greedy") == 0
@@ -201,7 +212,8 @@ def test_stop_conditions_deadline_and_spend(repo, fake, capsys):
     assert "stopping: spend $0.01 reached --max-cost" in out
     assert len(rows(repo)) == 2 and len(fake.requests) == 1
     assert run("--deadline", "0m") == 0
-    assert "stopping: deadline reached" in capsys.readouterr().out and len(fake.requests) == 1
+    assert "stopping: the deadline comes before another run could finish" in capsys.readouterr().out
+    assert len(fake.requests) == 1
 
 
 def test_status_line_per_experiment(repo, fake, capsys):

@@ -49,10 +49,12 @@ def crop_stats(doc_lens, T, split):
 
 def naive_rows_per_s(doc_lens, T, seconds):
     """Rows/s of best-fit by a linear scan over the pool, in plain Python (the slow way)."""
-    pool, queue, n, start = [], list(range(len(doc_lens))), 0, time.perf_counter()
-    while time.perf_counter() - start < seconds and (pool or queue):
+    pool, queue, n, start = [], [], 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
         space = T + 1
-        while space and (pool or queue):
+        while space:
+            if not pool and not queue:  # the next pass, in stored order
+                queue = list(range(len(doc_lens)))
             k = prepare.POOL_DOCS - len(pool)
             pool += queue[:k]
             del queue[:k]

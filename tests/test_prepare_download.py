@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import prepare
+from conftest import SAMPLE_DIR
 
 VAL = "shard_06542.parquet"
 
@@ -30,6 +31,7 @@ class ShardServer:
 
     def __init__(self):
         self.plan, self.requests = collections.defaultdict(list), collections.Counter()
+        self.bodies = {}  # name -> parquet bytes to serve instead of shard_bytes(name)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,7 +42,7 @@ class ShardServer:
                 if action in ("500", "404"):
                     self.send_error(int(action))
                     return
-                body = shard_bytes(name)
+                body = server.bodies.get(name) or shard_bytes(name)
                 if action == "short":
                     body = body[:len(body) // 2]
                 self.send_response(200)
@@ -168,3 +170,34 @@ def test_unreachable_server_ends_with_one_clear_line(tmp_path, monkeypatch, caps
 def test_num_shards_out_of_range(server):
     with pytest.raises(SystemExit, match="--num-shards must be between 1 and 6542"):
         prepare.main(["--num-shards", "0"])
+
+
+def test_default_source_end_to_end(server, tmp_path, capsys):
+    # ClimbMix's path through prepare.main: shards made of the sample's documents, used as they are.
+    def docs(*names):
+        return [d for n in names for d in prepare.split_documents((SAMPLE_DIR / n).read_text())]
+
+    def parquet(texts):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"text": texts}), buf)
+        return buf.getvalue()
+
+    shard0, shard1, val = docs("hamlet.txt", "paradise_lost.txt"), docs("as_you_like_it.txt"), \
+        docs("comedy_of_errors.txt")
+    server.bodies = {"shard_00000.parquet": parquet(shard0), "shard_00001.parquet": parquet(shard1),
+                     VAL: parquet(val)}
+    prepare.main(["--num-shards", "1"])
+    tokenizer = prepare.Tokenizer.from_directory()
+    tokens, offsets = prepare.load_tokens("val", tokenizer)
+    assert len(offsets) - 1 == len(val) and tokenizer.decode(tokens[1:offsets[1]]) == val[0]
+    assert len(prepare.load_tokens("train", tokenizer)[1]) - 1 == len(shard0)
+    capsys.readouterr()
+    prepare.main(["--num-shards", "1"])  # nothing to do: no request, no work
+    out = capsys.readouterr().out
+    assert sum(server.requests.values()) == 2 and "downloading" not in out
+    assert "tokenizer: up to date" in out and "train tokens: up to date" in out
+    prepare.main(["--num-shards", "2"])  # one more shard: fetched alone; the tokenizer saw all
+    assert server.requests["shard_00001.parquet"] == 1 and sum(server.requests.values()) == 3
+    assert "retraining" in capsys.readouterr().out  # of shard 0 before, so it is trained again
+    tokenizer = prepare.Tokenizer.from_directory()
+    assert len(prepare.load_tokens("train", tokenizer)[1]) - 1 == len(shard0) + len(shard1)

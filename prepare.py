@@ -650,6 +650,11 @@ def evaluate_bpb(model, tokenizer, batch_size):
     return (total_nats / (math.log(2) * total_bytes)).item()
 
 
+# ---------------------------------------------------------------------------
+# Main: source -> tokenizer -> token files
+# ---------------------------------------------------------------------------
+
+
 def warn_if_val_repeats(tokenizer):
     """Say plainly when evaluate_bpb's rows need more than one pass over the val documents."""
     tokens, offsets = load_tokens("val", tokenizer)
@@ -665,11 +670,6 @@ def warn_if_val_repeats(tokenizer):
               f"{rows_per_pass:,}, so the val text is scored ~{n_rows / rows_per_pass:.1f} times over; "
               f"for one pass set AUTORESEARCH_EVAL_TOKENS={rows_per_pass * MAX_SEQ_LEN}, "
               "or add more text")
-
-
-# ---------------------------------------------------------------------------
-# Main: source -> tokenizer -> token files
-# ---------------------------------------------------------------------------
 
 
 def main(argv=None):

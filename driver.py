@@ -108,7 +108,6 @@ class RunResult:
     peak_vram_mb: float
     seconds: float
     failure: str
-    log_tail: str
 
 
 # ---------------------------------------------------------------------------
@@ -485,6 +484,14 @@ def kill_group(proc):
     proc.wait()
 
 
+def number(text):
+    """A summary value as a float (nan if it is not a number)."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def parse_summary(log_text):
     """key: value pairs of the last `---` block (regex, never an LLM)."""
     block = log_text.rsplit("\n---\n", 1)[-1] if "\n---\n" in log_text else \
@@ -498,12 +505,11 @@ def kill_stale_training(pid_file):
         return
     pid = int(pid_file.read_text() or 0)
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        cmdline = b""
-    if pid and b"train.py" in cmdline and os.getpgid(pid) == pid:
-        print(f"ending the training process group {pid} left by a previous driver", flush=True)
-        os.killpg(pid, signal.SIGKILL)
+        if pid and b"train.py" in Path(f"/proc/{pid}/cmdline").read_bytes() and os.getpgid(pid) == pid:
+            print(f"ending the training process group {pid} left by a previous driver", flush=True)
+            os.killpg(pid, signal.SIGKILL)
+    except (OSError, ProcessLookupError):
+        pass  # already gone
     pid_file.unlink()
 
 
@@ -524,36 +530,30 @@ def run_training(repo, log_path, seed, timeout_s, settings, pid_file):
             kill_group(proc)
             pid_file.unlink(missing_ok=True)
     seconds = time.time() - start
-    text = Path(log_path).read_text(errors="replace")
-    tail = "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
-    summary = parse_summary(text)
+    summary = parse_summary(Path(log_path).read_text(errors="replace"))
     failure = ""
     if timed_out:
         failure = f"timed out after {timeout_s:.0f} s (the whole process group was killed)"
     elif "val_bpb" not in summary:
         failure = f"no val_bpb in the output (exit code {proc.returncode})"
     else:
-        try:
-            val = float(summary["val_bpb"])
-        except ValueError:
-            val = float("nan")
-        if not math.isfinite(val):
+        if not math.isfinite(number(summary["val_bpb"])):
             failure = f"val_bpb is {summary['val_bpb']}"
         for key in SETTINGS_KEYS:
-            if not failure and (key not in summary or float(summary[key]) != float(settings[key])):
+            if not failure and number(summary.get(key)) != float(settings[key]):
                 failure = (f"refused: the summary reports {key} {summary.get(key, '(missing)')} but "
                            f"the driver runs with {settings[key]}; evaluation settings must not change")
         if not failure and summary.get("seed") != str(seed):
             failure = (f"refused: the summary reports seed {summary.get('seed', '(missing)')} but the "
                        f"driver set AUTORESEARCH_SEED={seed}; train.py must use and print that seed")
     if failure:
-        return RunResult(None, 0.0, seconds, failure, tail)
-    vram = float(summary.get("peak_vram_mb", 0) or 0)
-    return RunResult(float(summary["val_bpb"]), vram, seconds, "", tail)
+        return RunResult(None, 0.0, seconds, failure)
+    vram_mb = number(summary.get("peak_vram_mb"))
+    return RunResult(float(summary["val_bpb"]), vram_mb if math.isfinite(vram_mb) else 0.0, seconds, "")
 
 
 # ---------------------------------------------------------------------------
-# Deciding (pure functions: the tests and the night simulation call them directly)
+# Deciding (pure functions of the measured values)
 # ---------------------------------------------------------------------------
 
 def pooled_std(groups):

@@ -79,7 +79,7 @@ def test_hang_kills_the_whole_group_at_the_timeout(repo, fake, tmp_path, monkeyp
     grandchild_file = tmp_path / "grandchild.pid"
     monkeypatch.setenv("STANDIN_GRANDCHILD_FILE", str(grandchild_file))
     fake.replies += [edit("hangs", (MODE_LINE, 'MODE = "hang"'))]
-    assert run("--max-experiments", "1", "--fix-attempts", "0", "--timeout", "1.5", "--greedy") == 0
+    assert run("--max-experiments", "1", "--fix-attempts", "0", "--timeout", "2", "--greedy") == 0
     r = rows(repo)
     assert r[1]["status"] == "crash" and "timed out after 2 s" in r[1]["description"]
     pid = int(grandchild_file.read_text())
@@ -386,3 +386,12 @@ def test_killed_at_any_step_then_restarted(repo, fake, monkeypatch, where):
     assert [x["description"] for x in rows(repo)] == ["baseline", "lower", "lower again"]
     assert branch_log(repo) == ["lower again", "lower", "initial"]
     assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+def test_parse_summary_reads_the_last_block_by_regex():
+    log = ("step 00010 | loss: 3.2\n---\nval_bpb: 9.9\n"  # an earlier block is ignored
+           "more output\n---\nval_bpb:          0.997900\npeak_vram_mb:     45060.2\nseed:             42\n")
+    summary = driver.parse_summary(log)
+    assert summary == {"val_bpb": "0.997900", "peak_vram_mb": "45060.2", "seed": "42"}
+    assert driver.parse_summary("no summary at all\n") == {}
+    assert driver.number("nan") != driver.number("nan") and driver.number("n/a") != driver.number("n/a")

@@ -19,6 +19,11 @@ Clearly better on one run: kept at once. Better, but by less than the margin: re
 fresh seeds (and the best too, while it has fewer runs) and kept only if the mean still
 beats the best's mean by the margin; else recorded as "not confirmed".
 
+Files: results.tsv (one row per run, untracked), runs/<tag>/journal.json (the run's state,
+written atomically: a killed driver resumes from it), runs/<tag>/<NNNN>/ (prompt.json,
+reply.json, diff.patch, train.log, usage.json), discarded attempts under the git refs
+refs/autoresearch/<tag>/discarded/<NNNN>.
+
 Usage: python driver.py [--tag nov22] [--max-experiments N] [--deadline 07:30] [--max-cost 20]
        python driver.py report [--tsv results.tsv]
 """
@@ -832,6 +837,10 @@ def start_run(args, repo):
         if st["metric_hashes"] != hashes:
             raise SystemExit(f"autoresearch: prepare.py or the prepared data changed since run {args.tag} "
                              "started; its results would not be comparable. Use a new --tag.")
+        if not st["best"]["vals"] and not st["pending"]:  # the baseline failed: start from the fix
+            st["best"]["commit"] = git(repo, "rev-parse", "HEAD")
+            st["context_train_py"] = git_show_train_py(repo, st["best"]["commit"])
+            save_json(journal, st)
         print(f"resuming run {args.tag}: {st['rows']} rows, best {short_best(st)}")
     else:
         if subprocess.run(["git", "rev-parse", "--verify", "-q", branch], cwd=repo,
@@ -857,6 +866,11 @@ def start_run(args, repo):
             os.replace(repo / "results.tsv", run_dir / f"results-orphaned-{int(time.time())}.tsv")
         save_json(journal, st)
     return st, prepare, run_dir
+
+
+def git_show_train_py(repo, commit):
+    return subprocess.run(["git", "show", f"{commit}:train.py"], cwd=repo, capture_output=True,
+                          text=True, check=True).stdout
 
 
 def park_results(repo, tag):
@@ -978,7 +992,8 @@ def drive(args):
             status_line(ctx, st, p["n"], final, p, (time.time() - started) / 60, cost)
             if p["kind"] == "baseline" and final["status"] == "crash":
                 raise SystemExit(f"autoresearch: the baseline train.py failed: {p['runs'][-1]['failure']}; "
-                                 f"see {p['runs'][-1]['log']}")
+                                 f"see {p['runs'][-1]['log']}. Fix train.py, commit it on {st['branch']} "
+                                 f"and run `python driver.py --tag {args.tag}` again.")
     except KeyboardInterrupt:
         print(f"\ninterrupted; `python driver.py --tag {args.tag}` resumes this run", flush=True)
         restore_best(ctx, st)

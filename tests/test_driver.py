@@ -395,3 +395,18 @@ def test_parse_summary_reads_the_last_block_by_regex():
     assert summary == {"val_bpb": "0.997900", "peak_vram_mb": "45060.2", "seed": "42"}
     assert driver.parse_summary("no summary at all\n") == {}
     assert driver.number("nan") != driver.number("nan") and driver.number("n/a") != driver.number("n/a")
+
+
+def test_a_failing_baseline_stops_and_resumes_from_the_committed_fix(repo, fake):
+    (repo / "train.py").write_text((repo / "train.py").read_text().replace(MODE_LINE, 'MODE = "crash"'))
+    git(repo, "commit", "-q", "-am", "broken")
+    with pytest.raises(SystemExit) as stop:
+        run("--greedy")
+    assert "the baseline train.py failed: no val_bpb" in str(stop.value) and "Fix train.py, commit it" in str(stop.value)
+    assert fake.requests == [] and rows(repo)[0]["status"] == "crash"
+    (repo / "train.py").write_text((repo / "train.py").read_text().replace('MODE = "crash"', MODE_LINE))
+    git(repo, "commit", "-q", "-am", "fixed")
+    assert run("--max-experiments", "0", "--greedy") == 0
+    assert [(x["description"], x["status"]) for x in rows(repo)] == [("baseline [crash: no val_bpb in the output "
+                                                                      "(exit code 1)]", "crash"), ("baseline", "keep")]
+    assert branch_log(repo)[0] == "fixed" and MODE_LINE in (repo / "train.py").read_text()

@@ -373,10 +373,12 @@ class MuonAdamW:
 
     @staticmethod
     def scalars(**group):
-        """A group dict whose float hyperparameters also live in 0-d CPU tensors (`<name>_t`)."""
+        """A group dict whose float hyperparameters also live in 0-d tensors (`<name>_t`) beside the params:
+        the compiled steps read them as inputs, so a new value is a tiny fill, not a recompile."""
+        device = group["params"][0].device
         for name in [k for k, v in group.items() if isinstance(v, float) and k != "base_lr"]:
-            group[name + "_t"] = torch.tensor(group[name], dtype=torch.float32)
-        group["lr_t"] = torch.tensor(group["base_lr"], dtype=torch.float32)
+            group[name + "_t"] = torch.tensor(group[name], dtype=torch.float32, device=device)
+        group["lr_t"] = torch.tensor(group["base_lr"], dtype=torch.float32, device=device)
         return group
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ Usage: python train.py
 import gc
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -58,8 +59,8 @@ GC_EVERY_STEPS = 5000           # run Python's (otherwise disabled) garbage coll
 # GPU peak throughput (facts for MFU, not hyperparameters)
 # ---------------------------------------------------------------------------
 
-# Dense BF16 tensor-core FLOP/s with FP32 accumulation, no sparsity, matched in order as a
-# case-insensitive substring of torch.cuda.get_device_name().
+# Dense BF16 tensor-core FLOP/s with FP32 accumulation, no sparsity; the first key found as a
+# whole word (case-insensitive) in torch.cuda.get_device_name() wins.
 GPU_PEAK_FLOPS = [
     ("H100 NVL", 835e12),    # NVIDIA H100 Tensor Core GPU datasheet: BF16 1,671 TFLOPS with sparsity
     ("H100 PCIe", 756e12),   # NVIDIA H100 Tensor Core GPU datasheet: BF16 1,513 TFLOPS with sparsity
@@ -78,7 +79,7 @@ GPU_PEAK_FLOPS = [
 def gpu_peak_flops(device_name):
     """Dense bf16 peak FLOP/s of the named GPU, or 0.0 when it is not in the table."""
     for key, flops in GPU_PEAK_FLOPS:
-        if key.lower() in device_name.lower():
+        if re.search(rf"\b{re.escape(key)}\b", device_name, flags=re.IGNORECASE):
             return flops
     return 0.0
 

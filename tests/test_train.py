@@ -367,7 +367,8 @@ def test_schedules():
     ("NVIDIA H100 80GB HBM3", 989.5), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835),
     ("NVIDIA H200", 989.5), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100 80GB PCIe", 312),
     ("NVIDIA L40S", 362.05), ("NVIDIA GeForce RTX 4090", 165.2), ("NVIDIA GeForce RTX 3090", 71),
-    ("NVIDIA A10G", 70), ("NVIDIA A10", 125), ("Tesla T4", 0), ("Some Future GPU", 0)])
+    ("NVIDIA A10G", 70), ("NVIDIA A10", 125), ("NVIDIA RTX A1000", 0), ("nvidia h100 pcie", 756),
+    ("Tesla T4", 0), ("Some Future GPU", 0)])
 def test_gpu_peak_flops_table(name, tflops):
     assert train.gpu_peak_flops(name) == pytest.approx(tflops * 1e12)
 

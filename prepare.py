@@ -54,7 +54,7 @@ MAX_SEQ_LEN = _env("MAX_SEQ_LEN", 2048)         # context length of every traini
 TIME_BUDGET = _env("TIME_BUDGET", 300)          # training seconds per experiment (wall clock)
 EVAL_TOKENS = _env("EVAL_TOKENS", 40 * 524288)  # tokens scored by evaluate_bpb
 VOCAB_SIZE = 8192                               # BPE vocabulary, special tokens included
-SEED = _env("SEED", 42)                         # the run's seed (the driver sets it): init, train order
+SEED = _env("SEED", 42)                         # the run's seed (the driver sets it): train.py's init
 CACHE_DIR = Path(_env("CACHE", "~/.cache/autoresearch")).expanduser()  # all prepared data
 DATA_URL = _env("DATA_URL", CLIMBMIX_URL)       # where shards come from (a mirror, a test server)
 
@@ -74,6 +74,7 @@ BOS_TOKEN = SPECIAL_TOKENS[0]                   # begins every document
 TOKENIZER_MAX_CHARS = 1_000_000_000             # tokenizer training reads at most this much text
 TOKENIZER_DOC_CHARS = 10_000                    # ... and at most this much of each document
 POOL_DOCS = 1000                                # dataloader: documents to choose from per row
+DATA_ORDER_SEED = 42                            # train order: the same on every run, whatever SEED is
 # GPT-4 style pre-tokenization split, numbers in groups of 1-2 (SPEC §2)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
@@ -557,10 +558,10 @@ def metric_files():
 
 
 def epoch_order(n_docs, split, epoch):
-    """Document order of one pass: val as stored; train shuffled by (SEED, epoch), on every run alike."""
+    """Document order of one pass: val as stored; train shuffled per epoch, the same on every run."""
     if split == "val":
         return list(range(n_docs))
-    return np.random.default_rng([SEED, epoch]).permutation(n_docs).tolist()
+    return np.random.default_rng([DATA_ORDER_SEED, epoch]).permutation(n_docs).tolist()
 
 
 def pack_rows(doc_lens, row_len, order_of_epoch):

@@ -1142,23 +1142,25 @@ def main(argv=None):
         report(args.tsv, journal, args.png)
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     epilog="Summary and progress.png: python driver.py report")
     parser.add_argument("--tag", default=time.strftime("%b%d").lower(),
-                        help="run name; branch autoresearch/<tag>; an existing tag resumes")
+                        help="run name: branch autoresearch/<tag>; an existing tag resumes (default: today, %(default)s)")
     parser.add_argument("--model", default=os.environ.get("AUTORESEARCH_MODEL", DEFAULT_MODEL),
-                        help="Claude model id (env AUTORESEARCH_MODEL)")
-    parser.add_argument("--max-experiments", type=int, default=MAX_EXPERIMENTS,
-                        help="stop after this many experiments after the baseline (default: no limit)")
-    parser.add_argument("--deadline", default=None, help="stop starting experiments at 07:30 / after 8h / 90m")
-    parser.add_argument("--max-cost", type=float, default=MAX_COST_USD, help="LLM spend cap in USD (0: none)")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds before a training run is killed (default 2 x TIME_BUDGET)")
-    parser.add_argument("--fix-attempts", type=int, default=FIX_ATTEMPTS,
-                        help="times a crashed run goes back to the LLM for a fix")
-    parser.add_argument("--noise-runs", type=int, default=NOISE_RUNS,
-                        help="baseline runs on different seeds to measure the noise floor")
+                        help="Claude model id (default: $AUTORESEARCH_MODEL or %(default)s)")
+    parser.add_argument("--max-experiments", type=int, default=MAX_EXPERIMENTS, metavar="N",
+                        help="stop after N experiments after the baseline (default: no limit)")
+    parser.add_argument("--deadline", default=None, metavar="WHEN",
+                        help="no new experiment unless it can finish by then: 07:30, 8h or 90m (default: none)")
+    parser.add_argument("--max-cost", type=float, default=MAX_COST_USD, metavar="USD",
+                        help="stop once the LLM spend reaches this (default: no cap)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="kill a training run after this long (default: 2 x TIME_BUDGET)")
+    parser.add_argument("--fix-attempts", type=int, default=FIX_ATTEMPTS, metavar="N",
+                        help="times a crashed run goes back to the LLM for a fix (default: %(default)s)")
+    parser.add_argument("--noise-runs", type=int, default=NOISE_RUNS, metavar="N",
+                        help="baseline runs on different seeds to measure the noise floor (default: %(default)s)")
     parser.add_argument("--greedy", action="store_true",
-                        help="keep any run lower than the best (no noise floor, no confirmation)")
+                        help="keep any run lower than the best: no noise floor, no confirmation runs")
     return drive(parser.parse_args(argv))
 
 

@@ -7,6 +7,7 @@ request. Every request body is recorded.
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -17,6 +18,16 @@ def edit(description, *pairs):
 
 def error(status, kind="api_error", message="scripted failure"):
     return {"status": status, "kind": kind, "message": message}
+
+
+def drop():
+    """Close the connection without answering (a dropped connection)."""
+    return {"drop": True}
+
+
+def slow(seconds, reply):
+    """Answer `reply` only after `seconds` (longer than the client's timeout: a timeout)."""
+    return {"sleep": seconds, "then": reply}
 
 
 class FakeAnthropic:
@@ -38,6 +49,12 @@ class FakeAnthropic:
                         error(400, "invalid_request_error", "fake server: no scripted reply left")
                 if callable(reply):
                     reply = reply(body)
+                if "drop" in reply:
+                    self.close_connection = True
+                    return
+                if "sleep" in reply:
+                    time.sleep(reply["sleep"])
+                    reply = reply["then"]
                 if "status" in reply:
                     payload = {"type": "error", "error": {"type": reply["kind"], "message": reply["message"]}}
                     return self.send(reply["status"], payload)
@@ -52,11 +69,14 @@ class FakeAnthropic:
 
             def send(self, status, payload):
                 data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client gave up (timeout test)
+                    pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

@@ -13,7 +13,7 @@ import pytest
 
 from driver_helpers import (BASE_LINE, MAIN, MODE_LINE, STANDINS, branch_log, driver, fake, git,  # noqa: F401
                             pid_gone, repo, rows, run)
-from fake_anthropic import edit, error
+from fake_anthropic import drop, edit, error, slow
 
 
 def test_baseline_keep_and_revert(repo, fake):
@@ -118,12 +118,17 @@ def test_invalid_edits_are_reasked_without_any_training(repo, fake, capsys):
     assert "identical to one already tried" in errors[5]
 
 
-def test_transient_api_errors_are_retried(repo, fake):
+def test_transient_api_errors_are_retried(repo, fake, monkeypatch, capsys):
+    monkeypatch.setattr(driver, "LLM_TIMEOUT_S", 0.5)
+    good = edit("good", (BASE_LINE, "TRUE_BPB = 0.990000"))
     fake.replies += [error(429, "rate_limit_error"), error(529, "overloaded_error", "Overloaded"),
-                     error(500), error(503), edit("good", (BASE_LINE, "TRUE_BPB = 0.990000"))]
+                     error(500), error(503), drop(), slow(1.5, good), good]
     assert run("--max-experiments", "1", "--greedy") == 0
     assert [x["status"] for x in rows(repo)] == ["keep", "keep"]
-    assert len(fake.requests) == 5
+    assert len(fake.requests) == 7
+    retries = [line for line in capsys.readouterr().out.splitlines() if "LLM API:" in line]
+    assert len(retries) == 6 and "HTTP 529 (Overloaded)" in retries[1]
+    assert "connection problem" in retries[4] and "APITimeoutError" in retries[5]
 
 
 @pytest.mark.parametrize("status,kind,says", [(401, "authentication_error", "check ANTHROPIC_API_KEY"),
@@ -410,3 +415,13 @@ def test_a_failing_baseline_stops_and_resumes_from_the_committed_fix(repo, fake)
     assert [(x["description"], x["status"]) for x in rows(repo)] == [("baseline [crash: no val_bpb in the output "
                                                                       "(exit code 1)]", "crash"), ("baseline", "keep")]
     assert branch_log(repo)[0] == "fixed" and MODE_LINE in (repo / "train.py").read_text()
+
+
+def test_a_torn_last_row_is_cut_before_appending(tmp_path):
+    tsv = tmp_path / "results.tsv"
+    assert driver.count_tsv_rows(tsv) == 0 and tsv.read_text() == driver.TSV_HEADER  # created with the header
+    driver.append_rows(tsv, [driver.format_row("abcdef0123", 0.99, 2048.0, "keep", "a")])
+    with open(tsv, "a") as f:
+        f.write("1234567\t0.98")  # killed mid-write
+    assert driver.count_tsv_rows(tsv) == 1
+    assert tsv.read_text() == driver.TSV_HEADER + "abcdef0\t0.990000\t2.0\tkeep\ta\n"

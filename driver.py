@@ -573,8 +573,9 @@ def margin(sigma, n_candidate, n_best):
     return CONFIRM_K * sigma * math.sqrt(1 / n_candidate + 1 / n_best)
 
 
-def decide(candidate_vals, best_vals, sigma, greedy, budget_ok):
-    """(action, note): action is keep, discard, repeat (candidate) or repeat_best."""
+def decide(candidate_vals, best_vals, sigma, greedy, no_repeat=""):
+    """(action, note): action is keep, discard, repeat (candidate) or repeat_best; no_repeat
+    says why no more runs may be spent on this candidate (empty: they may)."""
     cand, best = statistics.fmean(candidate_vals), statistics.fmean(best_vals)
     if greedy or not sigma:
         return ("keep", "") if cand < best else ("discard", "")
@@ -588,8 +589,8 @@ def decide(candidate_vals, best_vals, sigma, greedy, budget_ok):
     note = f"not confirmed: mean {cand:.6f} over {n} seeds vs best {best:.6f}, margin {need:.6f}"
     if cand >= best or n >= CONFIRM_RUNS:
         return "discard", note
-    if not budget_ok:
-        return "discard", note + " (noise budget spent)"
+    if no_repeat:
+        return "discard", f"{note} ({no_repeat})"
     return ("repeat_best" if len(best_vals) < n else "repeat"), note
 
 
@@ -714,9 +715,9 @@ def run_experiment(ctx, st, p):
                 continue
             return finish(ctx, st, p, "keep", "")
         vals = [r["val_bpb"] for r in cand if r["val_bpb"] is not None]
-        failed_repeat = any(r["val_bpb"] is None for r in cand[1:])
-        action, note = decide(vals, best_vals, st["sigma"], ctx["greedy"],
-                              budget_allows(st["run_counts"]) and not failed_repeat)
+        no_repeat = "a repeat crashed" if any(r["val_bpb"] is None for r in cand[1:]) else \
+            "" if budget_allows(st["run_counts"]) else "noise budget spent"
+        action, note = decide(vals, best_vals, st["sigma"], ctx["greedy"], no_repeat)
         if action == "repeat":
             one_run(ctx, st, p, "candidate", next_seed(st))
         elif action == "repeat_best":

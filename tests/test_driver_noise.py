@@ -198,3 +198,30 @@ def test_simulated_night_of_100_experiments(noisy, fake, greedy, capsys, monkeyp
     else:
         assert len(false_keeps) / max(len(kept), 1) <= 0.15 and len(kept) >= 2
         assert noise_share <= 0.26
+
+
+def test_decide_rules():
+    """The rule on numbers: sigma 0.001, best mean 1.0 over 3 runs, so one-run margin 0.00231."""
+    best = [0.999, 1.0, 1.001]
+    assert driver.decide([0.997], best, 0.001, False) == ("keep", "")                      # clearly better
+    assert driver.decide([0.9996], best, 0.001, False) == ("discard", "")                  # within 0.5 sigma
+    assert driver.decide([0.999], best, 0.001, False)[0] == "repeat"                       # marginal
+    assert driver.decide([0.999], [0.998], 0.001, False)[0] == "discard"                   # not better
+    assert driver.decide([0.999, 0.998], [0.9995], 0.001, False)[0] == "repeat_best"      # best has fewer runs
+    action, note = driver.decide([0.999, 0.9985], best, 0.001, False)
+    assert action == "repeat" and note.startswith("not confirmed")
+    action, note = driver.decide([0.999, 0.998, 0.9975], best, 0.001, False)
+    assert action == "keep" and note.startswith("confirmed: mean 0.998167 over 3 seeds")  # 0.001833 > 0.001633
+    assert driver.decide([0.999, 0.999, 0.999], best, 0.001, False)[0] == "discard"        # out of repeats
+    assert driver.decide([0.999], best, 0.001, False, "noise budget spent") == (
+        "discard", "not confirmed: mean 0.999000 over 1 seeds vs best 1.000000, margin 0.002309 (noise budget spent)")
+    assert driver.decide([0.9999], best, 0.001, True) == ("keep", "")                      # greedy
+    assert driver.decide([0.9999], best, None, False) == ("keep", "")                      # no noise floor yet
+    assert driver.pooled_std([[1.0, 1.002], [2.0], [3.0, 3.0, 3.003]]) == pytest.approx(
+        ((0.002 ** 2 / 2 + 0.003 ** 2 * 2 / 3) / 3) ** 0.5)
+
+
+def test_noise_budget():
+    assert driver.budget_allows({"total": 10, "noise": 6})        # 7 <= 0.2 * 11 + 5
+    assert not driver.budget_allows({"total": 10, "noise": 7})
+    assert driver.budget_allows({"total": 100, "noise": 24}) and not driver.budget_allows({"total": 100, "noise": 25})

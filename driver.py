@@ -1016,6 +1016,11 @@ def print_totals(st, ctx):
 # Report
 # ---------------------------------------------------------------------------
 
+def is_extra_run(row):
+    """A repeat or noise run of code already in the table, not a new idea."""
+    return bool(EXTRA_RUN_RE.match(row["description"]))
+
+
 def report(tsv_path, journal_path=None, png_path=None):
     """Summarise results.tsv (and the run's journal when there is one); draw progress.png."""
     tsv_path = Path(tsv_path)
@@ -1023,8 +1028,9 @@ def report(tsv_path, journal_path=None, png_path=None):
         raise SystemExit(f"autoresearch: no {tsv_path}; run `python driver.py` first")
     rows = read_tsv(tsv_path)
     st = json.loads(Path(journal_path).read_text()) if journal_path and Path(journal_path).exists() else None
-    ideas = [r for r in rows if not EXTRA_RUN_RE.match(r["description"])][1:]  # after the baseline
+    ideas = [r for r in rows if not is_extra_run(r) and not r["description"].startswith("baseline")]
     kept = [r for r in ideas if r["status"] == "keep"]
+    baseline = next((r for r in rows if r["description"] == "baseline" and r["status"] == "keep"), None)
     crashes = [r for r in ideas if r["status"] == "crash"]
     groups = {}
     for r in rows:
@@ -1033,8 +1039,8 @@ def report(tsv_path, journal_path=None, png_path=None):
     sigma = pooled_std(list(groups.values()))
     lines = [f"experiments: {len(ideas)} after the baseline ({len(rows)} runs in all), kept "
              f"{len(kept)}, crash rate {len(crashes) / max(len(ideas), 1):.0%}"]
-    if rows and rows[0]["status"] == "keep":
-        chain = [rows[0]] + kept
+    if baseline:
+        chain = [baseline] + kept
         base = statistics.fmean(groups[chain[0]["commit"]])
         best = statistics.fmean(groups[chain[-1]["commit"]])
         lines.append(f"val_bpb (mean over seeds): baseline {base:.6f} -> best {best:.6f} ({best - base:+.6f}, "
@@ -1079,10 +1085,10 @@ def plot_progress(rows, groups, sigma, png_path):
     fig, ax = plt.subplots(figsize=(13, 6.5))
     ok = [(i, r) for i, r in enumerate(rows) if r["status"] != "crash"]
     plain = [(i, r) for i, r in ok if r["status"] == "discard" and "not confirmed" not in r["description"]
-             and not EXTRA_RUN_RE.match(r["description"])]
-    extra = [(i, r) for i, r in ok if EXTRA_RUN_RE.match(r["description"])]
+             and not is_extra_run(r)]
+    extra = [(i, r) for i, r in ok if is_extra_run(r)]
     unconfirmed = [(i, r) for i, r in ok if "not confirmed" in r["description"]]
-    kept = [(i, r) for i, r in ok if r["status"] == "keep" and not EXTRA_RUN_RE.match(r["description"])]
+    kept = [(i, r) for i, r in ok if r["status"] == "keep" and not is_extra_run(r)]
     confirmed = [(i, r) for i, r in kept if "confirmed:" in r["description"]]
     for pts, style in ((plain, dict(c="#b0b0b0", s=18, label="discarded")),
                        (extra, dict(c="#7fa7d9", s=14, marker="x", label="repeat / noise run")),
@@ -1115,8 +1121,9 @@ def plot_progress(rows, groups, sigma, png_path):
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel(f"run # ({len(rows)} runs, {crashes} crashed and not shown)")
     ax.set_ylabel("val_bpb (lower is better)")
-    ax.set_title(f"autoresearch progress: {len(kept) - 1} kept of "
-                 f"{sum(not EXTRA_RUN_RE.match(r['description']) for r in rows) - 1} experiments after the baseline")
+    ideas = [r for r in rows if not is_extra_run(r) and not r["description"].startswith("baseline")]
+    ax.set_title(f"autoresearch progress: {sum(r['status'] == 'keep' for r in ideas)} kept of "
+                 f"{len(ideas)} experiments after the baseline")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()

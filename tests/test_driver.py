@@ -415,6 +415,7 @@ def test_a_failing_baseline_stops_and_resumes_from_the_committed_fix(repo, fake)
     assert [(x["description"], x["status"]) for x in rows(repo)] == [("baseline [crash: no val_bpb in the output "
                                                                       "(exit code 1)]", "crash"), ("baseline", "keep")]
     assert branch_log(repo)[0] == "fixed" and MODE_LINE in (repo / "train.py").read_text()
+    assert "experiments: 0 after the baseline (2 runs in all)" in driver.report(repo / "results.tsv")[0]
 
 
 def test_a_torn_last_row_is_cut_before_appending(tmp_path):

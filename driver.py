@@ -192,10 +192,13 @@ def clean_description(text):
 
 
 def format_row(commit, val_bpb, peak_vram_mb, status, description):
+    """One results.tsv line; a failed run reads 0.000000 and 0.0."""
     if val_bpb is None:
         val_bpb, peak_vram_mb = 0.0, 0.0
-    return (f"{commit[:7]}\t{val_bpb:.6f}\t{peak_vram_mb / 1024:.1f}\t{status}\t"
-            f"{clean_description(description)}\n")
+    description = clean_description(description)
+    if description[0] in "=+-@":  # a spreadsheet would read it as a formula
+        description = "'" + description
+    return f"{commit[:7]}\t{val_bpb:.6f}\t{peak_vram_mb / 1024:.1f}\t{status}\t{description}\n"
 
 
 def read_tsv(path):

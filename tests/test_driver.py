@@ -234,6 +234,7 @@ def test_descriptions_never_break_a_row(repo, fake):
     fake.replies += [edit("tabs\there\nand a newline", (BASE_LINE, "TRUE_BPB = 0.990000"))]
     assert run("--max-experiments", "1", "--greedy") == 0
     assert rows(repo)[1]["description"] == "tabs here and a newline"
+    assert driver.format_row("abcdef0", 1.0, 0.0, "keep", "=1+2 lr").endswith("\t'=1+2 lr\n")
 
 
 SAMPLE_TSV = """commit	val_bpb	memory_gb	status	description

@@ -816,6 +816,8 @@ def parse_deadline(text, now=None):
 
 def start_run(args, repo):
     """Branch, journal and results.tsv for a new or resumed run. Setup errors stop here."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.tag):
+        raise SystemExit(f"autoresearch: --tag {args.tag!r}: use letters, digits, '.', '_' or '-' (e.g. nov22)")
     for name in ("train.py", "prepare.py"):
         if not (repo / name).exists():
             raise SystemExit(f"autoresearch: no {name} in {repo}; run the driver inside the autoresearch repository")

@@ -182,6 +182,12 @@ def test_failed_or_refused_runs_become_crash_rows(repo, fake, mode, says):
     assert branch_log(repo) == ["initial"]
 
 
+def test_a_bad_tag_stops_with_one_line(repo, fake):
+    with pytest.raises(SystemExit, match="use letters, digits"):
+        driver.main(["--tag", "my run/1"])
+    assert fake.requests == [] and git(repo, "branch", "--list", "autoresearch/*") == ""
+
+
 def test_missing_data_stops_before_any_llm_spend(repo, fake, tmp_path):
     (tmp_path / "cache" / "val.bin").unlink()
     with pytest.raises(SystemExit) as stop:

@@ -732,37 +732,36 @@ def run_experiment(ctx, st, p):
             return finish(ctx, st, p, action, note)
 
 
+def experiment_rows(ctx, st, p, status, note):
+    """results.tsv lines for every run of the experiment, each description saying what it was."""
+    description = p["description"]
+    if p.get("fix_description"):
+        description += f" (fixed after a crash: {p['fix_description']})"
+    lines, groups = [], {}
+    for r in p["runs"]:
+        groups.setdefault((r["role"], r["attempt"]), []).append(r)
+    for r in p["runs"]:
+        i = groups[(r["role"], r["attempt"])].index(r) + 1  # run number within its group
+        failed = r["val_bpb"] is None
+        crash = f" [crash: {r['failure']}]" if failed else ""
+        if r["role"] == "noise":
+            text, row_status = f"noise run {i + 1}/{ctx['noise_runs']} (seed {r['seed']}): baseline{crash}", "keep"
+        elif r["role"] == "best":
+            text, row_status = f"repeat of best (seed {r['seed']}): {st['best']['description']}{crash}", "keep"
+        else:
+            text = (description if r["attempt"] == p["attempt"] else p["description"]) + crash
+            text = text + (f" [{note}]" if note and not failed else "") if i == 1 else \
+                f"repeat {i}/{CONFIRM_RUNS} (seed {r['seed']}): {text}"
+            row_status = status
+        lines.append(format_row(r["commit"], r["val_bpb"], r["peak_vram_mb"],
+                                "crash" if failed else row_status, text))
+    return lines
+
+
 def finish(ctx, st, p, status, note):
     """Decide the rows, write them once, then move the branch; safe to repeat after a kill."""
     if "final" not in p:
-        description = p["description"]
-        if p.get("fix_description"):
-            description += f" (fixed after a crash: {p['fix_description']})"
-        rows, attempt_runs = [], {}
-        for r in p["runs"]:
-            attempt_runs.setdefault((r["role"], r["attempt"]), []).append(r)
-        for r in p["runs"]:
-            group = attempt_runs[(r["role"], r["attempt"])]
-            i = group.index(r) + 1
-            if r["role"] == "noise":
-                text = f"noise run {i + 1}/{ctx['noise_runs']} (seed {r['seed']}): baseline"
-                row_status = "crash" if r["val_bpb"] is None else "keep"
-                text += f" [crash: {r['failure']}]" if r["val_bpb"] is None else ""
-            elif r["role"] == "best":
-                text, row_status = (f"repeat of best (seed {r['seed']}): {st['best']['description']}",
-                                    "crash" if r["val_bpb"] is None else "keep")
-            elif r["val_bpb"] is None or r["failure"]:
-                text = f"{p['description'] if r['attempt'] == 0 else description} [crash: {r['failure']}]"
-                text = text if i == 1 else f"repeat {i}/{CONFIRM_RUNS} (seed {r['seed']}): " + text
-                row_status = "crash"
-            elif r["attempt"] != p["attempt"]:
-                continue
-            else:
-                text = description if i == 1 else f"repeat {i}/{CONFIRM_RUNS} (seed {r['seed']}): {description}"
-                text += f" [{note}]" if note and i == 1 else ""
-                row_status = status
-            rows.append(format_row(r["commit"], r["val_bpb"], r["peak_vram_mb"], row_status, text))
-        p["final"] = {"status": status, "rows": rows, "note": note}
+        p["final"] = {"status": status, "rows": experiment_rows(ctx, st, p, status, note), "note": note}
         save_state(ctx, st)
     final = p["final"]
     have = count_tsv_rows(ctx["tsv"])

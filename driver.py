@@ -62,7 +62,7 @@ CONFIRM_MIN_K = 0.5                # a first run must beat the best by this many
 NOISE_BUDGET_FRACTION = 0.2        # share of all runs that noise runs and repeats may take ...
 NOISE_BUDGET_GRACE_RUNS = 5        # ... plus this many (the start-up noise runs, early confirmations)
 BASE_SEED = 42                     # seed of every first run; repeats take BASE_SEED+1, +2, ...
-LLM_MAX_TOKENS = 8192              # longest reply
+LLM_MAX_TOKENS = 16000             # longest reply, thinking included
 LLM_TIMEOUT_S = 600.0              # one request
 LLM_BACKOFF_S = 2.0                # first wait after a transient API error, doubled each time
 LLM_BACKOFF_MAX_S = 300.0          # longest wait between retries (retries never give up)
@@ -317,8 +317,9 @@ def build_request(model, repo, settings, program_md, train_py, history, messages
         {"type": "text", "text": "Results of this run so far (results.tsv):\n\n" + history},
         {"type": "text", "text": "Propose the next experiment with the edit_train_py tool."},
     ]}
+    # No forced tool_choice: current models think by default and answer a forced tool with a 400;
+    # the prompt asks for the tool, and a reply without it is asked again.
     return {"model": model, "max_tokens": LLM_MAX_TOKENS, "system": system, "tools": [EDIT_TOOL],
-            "tool_choice": {"type": "tool", "name": TOOL_NAME},
             "messages": [first] + messages_tail}
 
 
@@ -425,11 +426,11 @@ def ask_llm(ctx, st, exp_dir, messages, source):
         replies = json.loads(replies_path.read_text()) if replies_path.exists() else []
         save_json(replies_path, replies + [reply.model_dump(mode="json")])
         add_spend(ctx, st, exp_dir, reply.usage)
-        blocks = [b for b in reply.content if b.type in ("text", "tool_use")]
-        messages.append({"role": "assistant", "content": [
-            {"type": "tool_use", "id": b.id, "name": b.name, "input": b.input} if b.type == "tool_use"
-            else {"type": "text", "text": b.text} for b in blocks]})
-        tool = next((b for b in blocks if b.type == "tool_use"), None)
+        # The assistant turn goes back verbatim: models that think (on by default since Claude 5)
+        # reject a follow-up whose thinking blocks were dropped or altered.
+        messages.append({"role": "assistant",
+                         "content": [b.model_dump(mode="json", exclude_none=True) for b in reply.content]})
+        tool = next((b for b in reply.content if b.type == "tool_use"), None)
         if tool is None:
             messages.append({"role": "user", "content": f"Reply by calling the {TOOL_NAME} tool."})
             continue

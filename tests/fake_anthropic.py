@@ -1,8 +1,10 @@
 """A fake Anthropic Messages API on 127.0.0.1 for driver tests.
 
 The real `anthropic` client talks to it through ANTHROPIC_BASE_URL. Replies are scripted
-in order: an edit (answered as a tool_use message), an HTTP error, or a function of the
-request. Every request body is recorded.
+in order: an edit (answered as a thinking block then a tool_use, as current models reply),
+an HTTP error, or a function of the request. Every request body is recorded. Like the real
+API for models that think, it answers 400 to a forced tool_choice and to a conversation whose
+assistant turns lost their thinking blocks.
 """
 
 import json
@@ -47,6 +49,10 @@ class FakeAnthropic:
                     fake.requests.append(body)
                     reply = fake.replies.pop(0) if fake.replies else \
                         error(400, "invalid_request_error", "fake server: no scripted reply left")
+                problem = fake.check(body)
+                if problem:
+                    return self.send(400, {"type": "error", "error": {
+                        "type": "invalid_request_error", "message": problem}})
                 if callable(reply):
                     reply = reply(body)
                 if "drop" in reply:
@@ -61,7 +67,8 @@ class FakeAnthropic:
                 n = len(fake.requests)
                 self.send(200, {
                     "id": f"msg_{n}", "type": "message", "role": "assistant", "model": body["model"],
-                    "content": [{"type": "tool_use", "id": f"toolu_{n}", "name": "edit_train_py",
+                    "content": [{"type": "thinking", "thinking": f"thought {n}", "signature": f"sig_{n}"},
+                                {"type": "tool_use", "id": f"toolu_{n}", "name": "edit_train_py",
                                  "input": reply}],
                     "stop_reason": "tool_use", "stop_sequence": None,
                     "usage": {"input_tokens": 1000, "output_tokens": 200,
@@ -81,6 +88,18 @@ class FakeAnthropic:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def check(body):
+        """What the real API would refuse in this request for a thinking model, or ''."""
+        if body.get("tool_choice", {}).get("type") in ("any", "tool"):
+            return "forced tool use is not compatible with thinking"
+        for message in body["messages"]:
+            if message["role"] == "assistant":
+                thinking = [b for b in message["content"] if b["type"] == "thinking"]
+                if not thinking or not thinking[0].get("signature", "").startswith("sig_"):
+                    return "assistant turns must keep their thinking blocks unchanged"
+        return ""
 
     def close(self):
         self.server.shutdown()

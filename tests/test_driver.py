@@ -45,7 +45,7 @@ def test_baseline_keep_and_revert(repo, fake):
     assert "TRUE_BPB = 0.990000" in user  # the current (best) train.py
     assert "lower bpb   <- best so far" in user and "baseline" in user
     assert any("cache_control" in b for b in req["system"])
-    assert req["tool_choice"] == {"type": "tool", "name": "edit_train_py"}
+    assert "tool_choice" not in req  # forcing the tool is a 400 on models that think
     usage = json.loads((repo / "runs/t/0002/usage.json").read_text())
     # the default, sonnet 5.5: 1000 in x $2 + 200 out x $10 + 2000 cache-write x $2.50 + 3000 cache-read x $0.10
     assert usage["usd"] == pytest.approx((1000 * 2 + 200 * 10 + 2000 * 2.5 + 3000 * 0.1) / 1e6)
@@ -65,6 +65,8 @@ def test_crash_fix_then_success_and_repeated_crash(repo, fake):
     assert "stand-in crash" not in r[1]["description"] and "no val_bpb" in r[1]["description"]
     assert r[2]["val_bpb"] == "0.980000" and "smaller batch fits" in r[2]["description"]
     # the fix request carried the log tail as an error tool_result
+    assistant = fake.requests[1]["messages"][-2]  # the edit's turn, its thinking block verbatim
+    assert assistant["content"][0] == {"type": "thinking", "thinking": "thought 1", "signature": "sig_1"}
     fix_request = fake.requests[1]["messages"][-1]["content"][0]
     assert fix_request["type"] == "tool_result" and fix_request["is_error"]
     assert "RuntimeError: stand-in crash: CUDA out of memory" in fix_request["content"]

@@ -825,7 +825,7 @@ def start_run(args, repo):
     try:
         hashes = metric_hashes(repo, prepare)
     except SystemExit as e:  # data or tokenizer not prepared: say which command to run
-        raise SystemExit(f"autoresearch: the data is not prepared: {e.code}")
+        raise SystemExit(f"autoresearch: {str(e.code).removeprefix('error: ')}")
     settings = {"max_seq_len": prepare.MAX_SEQ_LEN, "time_budget": prepare.TIME_BUDGET,
                 "eval_tokens": prepare.EVAL_TOKENS}
     run_dir = repo / "runs" / args.tag

@@ -194,7 +194,8 @@ def test_missing_data_stops_before_any_llm_spend(repo, fake, tmp_path):
     (tmp_path / "cache" / "val.bin").unlink()
     with pytest.raises(SystemExit) as stop:
         run()
-    assert "the data is not prepared" in str(stop.value) and "python prepare.py" in str(stop.value)
+    assert str(stop.value).startswith("autoresearch: data is not prepared in ")  # one prefix, not two
+    assert "python prepare.py" in str(stop.value)
     assert fake.requests == [] and not (repo / "results.tsv").exists()
 
 

@@ -21,7 +21,7 @@ def metric_files():
     """The prepared files the metric reads."""
     files = [CACHE_DIR / "val.bin", CACHE_DIR / "token_bytes.bin"]
     if not all(f.exists() for f in files):
-        raise SystemExit(f"no prepared data in {CACHE_DIR}: run `python prepare.py` first")
+        raise SystemExit(f"error: data is not prepared in {CACHE_DIR}: run `python prepare.py`")
     return files
 
 

@@ -171,7 +171,8 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:  # value residual: a gated per-token embedding added to v, one gate per kv head
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, H)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        # CUDA autocast runs rms_norm in fp32; FlexAttention needs q, k, v of one dtype (bf16)
+        q, k = norm(apply_rotary(q, cos, sin)).type_as(v), norm(apply_rotary(k, cos, sin)).type_as(v)
         y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, block_mask)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 

@@ -208,6 +208,24 @@ def test_model_uses_block_masks_only_at_full_length(monkeypatch):
     torch.testing.assert_close(short, dense[:, :40], atol=1e-4, rtol=1e-4)
 
 
+def test_attention_inputs_share_one_dtype_when_norm_runs_in_fp32(monkeypatch):
+    """CUDA autocast runs rms_norm in fp32 (CPU autocast does not), so q and k would reach the
+    attention in fp32 beside a bf16 v: FlexAttention then refuses them, or runs in fp32 several
+    times slower. Emulate that policy on CPU and check what the attention receives."""
+    torch.manual_seed(0)
+    model = build(small_config(monkeypatch))
+    model.wte.to(dtype=torch.bfloat16)  # as train.py stores them on CUDA
+    model.value_embeds.to(dtype=torch.bfloat16)
+    model.build_attention_masks()
+    monkeypatch.setattr(train, "norm", lambda x: torch.nn.functional.rms_norm(x.float(), (x.size(-1),)))
+    seen, attention = [], train.causal_attention
+    monkeypatch.setattr(train, "causal_attention",
+                        lambda q, k, v, *args: seen.append((q.dtype, k.dtype, v.dtype)) or attention(q, k, v, *args))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # linears give bf16, as on CUDA
+        logits = model(torch.randint(0, 256, (2, 64)))
+    assert seen == [(torch.bfloat16,) * 3] * 2 and torch.isfinite(logits).all()
+
+
 # ---------------------------------------------------------------------------
 # Optimizer
 # ---------------------------------------------------------------------------

@@ -613,6 +613,16 @@ def save_state(ctx, st):
     save_json(ctx["run_dir"] / "journal.json", st)
 
 
+def attempt_runs(p, roles=("candidate",)):
+    """The experiment's runs of the current attempt's code (a fix after a crash is a new attempt)."""
+    return [r for r in p["runs"] if r["role"] in roles and r["attempt"] == p["attempt"]]
+
+
+def measured(runs):
+    """val_bpb of the runs that produced one."""
+    return [r["val_bpb"] for r in runs if r["val_bpb"] is not None]
+
+
 def restore_best(ctx, st):
     """Branch back to the best commit and train.py from it; no other file is touched."""
     git(ctx["repo"], "reset", "-q", "--soft", st["best"]["commit"])
@@ -666,8 +676,7 @@ def one_run(ctx, st, p, role, seed):
         st["best"]["vals"].append(result.val_bpb)  # the incumbent's mean sharpens with repeats
     st["gpu_s"]["total"] += result.seconds
     st["run_counts"]["total"] += 1
-    if role != "candidate" or len([r for r in p["runs"] if r["role"] == "candidate"
-                                   and r["attempt"] == p["attempt"]]) > 1:
+    if role != "candidate" or len(attempt_runs(p)) > 1:
         st["gpu_s"]["noise"] += result.seconds
         st["run_counts"]["noise"] += 1
     save_state(ctx, st)
@@ -683,7 +692,7 @@ def run_experiment(ctx, st, p):
     """Drive the pending experiment to its final rows: runs, fixes, repeats, decision."""
     exp_dir = Path(p["dir"])
     while True:
-        cand = [r for r in p["runs"] if r["role"] == "candidate" and r["attempt"] == p["attempt"]]
+        cand = attempt_runs(p)
         if not cand:
             one_run(ctx, st, p, "candidate", BASE_SEED)
             continue
@@ -718,7 +727,7 @@ def run_experiment(ctx, st, p):
                 one_run(ctx, st, p, "noise", next_seed(st))
                 continue
             return finish(ctx, st, p, "keep", "")
-        vals = [r["val_bpb"] for r in cand if r["val_bpb"] is not None]
+        vals = measured(cand)
         no_repeat = "a repeat crashed" if any(r["val_bpb"] is None for r in cand[1:]) else \
             "" if budget_allows(st["run_counts"]) else "noise budget spent"
         action, note = decide(vals, best_vals, st["sigma"], ctx["greedy"], no_repeat)
@@ -769,9 +778,7 @@ def finish(ctx, st, p, status, note):
     missing = st["rows"] + len(final["rows"]) - have
     if missing > 0:
         append_rows(ctx["tsv"], final["rows"][len(final["rows"]) - missing:])
-    cand_runs = [r for r in p["runs"] if r["role"] in ("candidate", "noise") and r["val_bpb"] is not None
-                 and r["attempt"] == p["attempt"]]
-    vals = [r["val_bpb"] for r in cand_runs]
+    vals = measured(attempt_runs(p, ("candidate", "noise")))
     if final["status"] == "keep":
         if p["kind"] != "baseline":
             st["best"] = {"commit": p["commit"], "description": p["description"], "vals": vals}
@@ -905,8 +912,7 @@ def short_best(st):
 
 def status_line(ctx, st, n, final, p, minutes, cost):
     """One line per experiment: number, val_bpb, delta vs best, status, minutes, cost, totals."""
-    runs = [r for r in p["runs"] if r["role"] == "candidate" and r["attempt"] == p["attempt"]]
-    vals = [r["val_bpb"] for r in runs if r["val_bpb"] is not None]
+    vals = measured(attempt_runs(p))
     prev = ctx["best_before"]
     val = f"{statistics.fmean(vals):.6f}" if vals else "   -    "
     delta = f"{statistics.fmean(vals) - prev:+.6f}" if vals and prev is not None else "    -    "

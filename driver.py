@@ -910,17 +910,19 @@ def short_best(st):
     return f"{statistics.fmean(vals):.6f} ({st['best']['commit'][:7]})" if vals else "none yet"
 
 
-def status_line(ctx, st, n, final, p, minutes, cost):
+def status_line(ctx, st, p, final, best_before, minutes):
     """One line per experiment: number, val_bpb, delta vs best, status, minutes, cost, totals."""
     vals = measured(attempt_runs(p))
-    prev = ctx["best_before"]
-    val = f"{statistics.fmean(vals):.6f}" if vals else "   -    "
-    delta = f"{statistics.fmean(vals) - prev:+.6f}" if vals and prev is not None else "    -    "
+    mean = statistics.fmean(vals) if vals else None
+    val = f"{mean:.6f}" if vals else "   -    "
+    delta = f"{mean - best_before:+.6f}" if vals and best_before is not None else "    -    "
     sigma = f" sigma {st['sigma']:.6f}" if st["sigma"] and not ctx["greedy"] else ""
+    usage_file = Path(p["dir"]) / "usage.json"
+    cost = json.loads(usage_file.read_text())["usd"] if usage_file.exists() else 0.0
     cost_text = f"${cost:.3f}" if ctx["price_known"] else "$?"
     total = f"${st['spend']['usd']:.2f}" if ctx["price_known"] else "cost unknown"
     note = f" [{final['note']}]" if final["note"] else ""
-    print(f"{n:4d}  {val} ({delta})  {final['status']:7s} {minutes:5.1f} min {cost_text:>7s}  "
+    print(f"{p['n']:4d}  {val} ({delta})  {final['status']:7s} {minutes:5.1f} min {cost_text:>7s}  "
           f"{p['description'][:60]}{note}  | best {short_best(st)}{sigma}, {total}", flush=True)
 
 
@@ -997,11 +999,9 @@ def drive(args):
                 st["next_n"] = p["n"] + 1
                 save_state(ctx, st)
             started = time.time()
-            ctx["best_before"] = statistics.fmean(st["best"]["vals"]) if st["best"]["vals"] else None
+            best_before = statistics.fmean(st["best"]["vals"]) if st["best"]["vals"] else None
             final = finish(ctx, st, p, None, None) if "final" in p else run_experiment(ctx, st, p)
-            usage_file = Path(p["dir"]) / "usage.json"
-            cost = json.loads(usage_file.read_text())["usd"] if usage_file.exists() else 0.0
-            status_line(ctx, st, p["n"], final, p, (time.time() - started) / 60, cost)
+            status_line(ctx, st, p, final, best_before, (time.time() - started) / 60)
             if p["kind"] == "baseline" and final["status"] == "crash":
                 raise SystemExit(f"autoresearch: the baseline train.py failed: {p['runs'][-1]['failure']}; "
                                  f"see {p['runs'][-1]['log']}. Fix train.py, commit it on {st['branch']} "

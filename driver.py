@@ -119,11 +119,12 @@ class RunResult:
 # Small helpers: git, files, the journal
 # ---------------------------------------------------------------------------
 
-def git(repo, *args, env=None):
-    """Run git in the repo and return stdout; a failure stops with git's message."""
+def git(repo, *args, env=None, check=True):
+    """Run git in the repo and return stdout; a failure stops with git's message (unless
+    check=False: then a failure returns what git printed, usually nothing)."""
     proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise SystemExit(f"autoresearch: git {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.stdout.strip()
 
@@ -629,6 +630,11 @@ def restore_best(ctx, st):
     git(ctx["repo"], "checkout", "-q", st["best"]["commit"], "--", "train.py")
 
 
+def keep_discarded(ctx, name, commit):
+    """A discarded attempt stays reachable (and its diff readable) under a ref."""
+    git(ctx["repo"], "update-ref", f"refs/autoresearch/{ctx['tag']}/discarded/{name}", commit)
+
+
 def commit_candidate(ctx, st, p):
     """Commit train.py alone on top of the best; a fixed date makes a re-commit after a
     restart produce the same commit."""
@@ -636,9 +642,8 @@ def commit_candidate(ctx, st, p):
     restore_best(ctx, st)
     (repo / "train.py").write_text(Path(p["source"]).read_text())
     date = f"{p['commit_date']} +0000"
-    has_identity = subprocess.run(["git", "config", "user.email"], cwd=repo, capture_output=True,
-                                  text=True).stdout.strip()
-    identity = [] if has_identity else ["-c", "user.name=autoresearch", "-c", "user.email=autoresearch@localhost"]
+    identity = [] if git(repo, "config", "user.email", check=False) else \
+        ["-c", "user.name=autoresearch", "-c", "user.email=autoresearch@localhost"]
     message = p["description"] + (f" (fix: {p['fix_description']})" if p.get("fix_description") else "")
     git(repo, *identity, "commit", "-q", "--no-verify", "-m",
         f"{message}\n\nautoresearch {ctx['tag']} experiment {p['n']}", "--", "train.py",
@@ -709,8 +714,7 @@ def run_experiment(ctx, st, p):
                 "content": f"The run failed: {cand[0]['failure']}.\n\nLast lines of its log:\n{tail}"
                            "\n\nFix train.py with another edit (edits apply to the file as you left it)."}]})
             if p.get("commit"):
-                git(ctx["repo"], "update-ref", f"refs/autoresearch/{ctx['tag']}/discarded/"
-                    f"{p['n']:04d}-{p['attempt'] + 1}", p["commit"])
+                keep_discarded(ctx, f"{p['n']:04d}-{p['attempt'] + 1}", p["commit"])
             description, source = ask_llm(ctx, st, exp_dir, messages, Path(p["source"]).read_text())
             if source is None:
                 return finish(ctx, st, p, "crash", "")
@@ -785,8 +789,7 @@ def finish(ctx, st, p, status, note):
         else:
             st["best"]["vals"] = vals
     elif p.get("commit") and p["kind"] != "baseline":
-        git(ctx["repo"], "update-ref", f"refs/autoresearch/{ctx['tag']}/discarded/{p['n']:04d}",
-            p["commit"])
+        keep_discarded(ctx, f"{p['n']:04d}", p["commit"])
     if len(vals) > 1:
         st["groups"][p.get("commit") or st["best"]["commit"]] = vals
     st["groups"][st["best"]["commit"]] = st["best"]["vals"]
@@ -856,8 +859,7 @@ def start_run(args, repo):
             save_json(journal, st)
         print(f"resuming run {args.tag}: {st['rows']} rows, best {short_best(st)}")
     else:
-        if subprocess.run(["git", "rev-parse", "--verify", "-q", branch], cwd=repo,
-                          capture_output=True).returncode == 0:
+        if git(repo, "rev-parse", "--verify", "-q", branch, check=False):
             raise SystemExit(f"autoresearch: branch {branch} exists but has no journal in {run_dir}; "
                              "choose another --tag")
         if git(repo, "status", "--porcelain", "--", "train.py"):

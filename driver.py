@@ -693,39 +693,43 @@ def next_seed(st):
     return st["next_seed"]
 
 
+def ask_for_fix(ctx, st, p, failed):
+    """Send the failed run's log tail back to the LLM; a valid fix becomes the next attempt.
+    False when no valid fix came."""
+    exp_dir = Path(p["dir"])
+    messages = json.loads((exp_dir / "conversation.json").read_text())
+    last_tool = next(b["id"] for b in reversed(messages[-1]["content"]) if b["type"] == "tool_use")
+    tail = "\n".join(Path(failed["log"]).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
+    messages.append({"role": "user", "content": [{
+        "type": "tool_result", "tool_use_id": last_tool, "is_error": True,
+        "content": f"The run failed: {failed['failure']}.\n\nLast lines of its log:\n{tail}"
+                   "\n\nFix train.py with another edit (edits apply to the file as you left it)."}]})
+    if p.get("commit"):
+        keep_discarded(ctx, f"{p['n']:04d}-{p['attempt'] + 1}", p["commit"])
+    description, source = ask_llm(ctx, st, exp_dir, messages, Path(p["source"]).read_text())
+    if source is None:
+        return False
+    p["attempt"] += 1
+    p["fix_description"] = description
+    p["source"] = str(exp_dir / f"candidate-{p['attempt'] + 1}.py")
+    Path(p["source"]).write_text(source)
+    p["commit"], p["commit_date"] = None, int(time.time())
+    save_state(ctx, st)
+    return True
+
+
 def run_experiment(ctx, st, p):
     """Drive the pending experiment to its final rows: runs, fixes, repeats, decision."""
-    exp_dir = Path(p["dir"])
     while True:
         cand = attempt_runs(p)
         if not cand:
             one_run(ctx, st, p, "candidate", BASE_SEED)
             continue
         if cand[0]["val_bpb"] is None:  # the attempt's first run failed
-            if p["kind"] == "baseline":
+            if p["kind"] == "baseline" or p["attempt"] >= ctx["fix_attempts"] \
+                    or not ask_for_fix(ctx, st, p, cand[0]):
                 return finish(ctx, st, p, "crash", "")
-            if p["attempt"] >= ctx["fix_attempts"]:
-                return finish(ctx, st, p, "crash", "")
-            messages = json.loads((exp_dir / "conversation.json").read_text())
-            last_tool = next(b["id"] for b in reversed(messages[-1]["content"]) if b["type"] == "tool_use")
-            tail = "\n".join(Path(cand[0]["log"]).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
-            messages.append({"role": "user", "content": [{
-                "type": "tool_result", "tool_use_id": last_tool, "is_error": True,
-                "content": f"The run failed: {cand[0]['failure']}.\n\nLast lines of its log:\n{tail}"
-                           "\n\nFix train.py with another edit (edits apply to the file as you left it)."}]})
-            if p.get("commit"):
-                keep_discarded(ctx, f"{p['n']:04d}-{p['attempt'] + 1}", p["commit"])
-            description, source = ask_llm(ctx, st, exp_dir, messages, Path(p["source"]).read_text())
-            if source is None:
-                return finish(ctx, st, p, "crash", "")
-            p["attempt"] += 1
-            p["fix_description"] = description
-            p["source"] = str(exp_dir / f"candidate-{p['attempt'] + 1}.py")
-            Path(p["source"]).write_text(source)
-            p["commit"], p["commit_date"] = None, int(time.time())
-            save_state(ctx, st)
             continue
-        best_vals = st["best"]["vals"]
         if p["kind"] == "baseline":
             if len(p["runs"]) < ctx["noise_runs"]:
                 one_run(ctx, st, p, "noise", next_seed(st))
@@ -734,7 +738,7 @@ def run_experiment(ctx, st, p):
         vals = measured(cand)
         no_repeat = "a repeat crashed" if any(r["val_bpb"] is None for r in cand[1:]) else \
             "" if budget_allows(st["run_counts"]) else "noise budget spent"
-        action, note = decide(vals, best_vals, st["sigma"], ctx["greedy"], no_repeat)
+        action, note = decide(vals, st["best"]["vals"], st["sigma"], ctx["greedy"], no_repeat)
         if action == "repeat":
             one_run(ctx, st, p, "candidate", next_seed(st))
         elif action == "repeat_best":

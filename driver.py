@@ -932,11 +932,29 @@ def status_line(ctx, st, p, final, best_before, minutes):
           f"{p['description'][:60]}{note}  | best {short_best(st)}{sigma}, {total}", flush=True)
 
 
+def stop_reason(args, st, deadline):
+    """Why no new experiment starts now ("" when one may)."""
+    done = st["next_n"] - 1
+    if args.max_experiments is not None and done >= args.max_experiments and st["best"]["vals"]:
+        return f"{done} experiments done (--max-experiments)"
+    typical_run_s = st["gpu_s"]["total"] / max(st["run_counts"]["total"], 1)
+    if deadline and time.time() + typical_run_s >= deadline:
+        return "the deadline comes before another run could finish"
+    if args.max_cost and st["spend"]["usd"] >= args.max_cost:
+        return f"spend ${st['spend']['usd']:.2f} reached --max-cost"
+    return ""
+
+
 def new_experiment(ctx, st):
-    """Ask the LLM for the next idea; returns the pending entry (or None if no valid edit)."""
+    """The next pending entry: the baseline (the committed train.py) until one has run, then
+    the LLM's next idea (None if no valid edit)."""
     n = st["next_n"]  # counted once the idea is pending, so a kill here re-asks under the same n
     exp_dir = ctx["run_dir"] / f"{n:04d}"
     exp_dir.mkdir(parents=True, exist_ok=True)
+    if not st["best"]["vals"]:
+        return {"n": n, "kind": "baseline", "description": "baseline", "dir": str(exp_dir),
+                "source": str(ctx["repo"] / "train.py"), "commit": st["best"]["commit"],
+                "commit_date": 0, "attempt": 0, "runs": []}
     messages = []
     description, source = ask_llm(ctx, st, exp_dir, messages, st["context_train_py"])
     if source is None:
@@ -979,28 +997,13 @@ def drive(args):
         while True:
             p = st["pending"]
             if p is None:
-                done = st["next_n"] - 1
-                if args.max_experiments is not None and done >= args.max_experiments and st["best"]["vals"]:
-                    print(f"stopping: {done} experiments done (--max-experiments)")
+                reason = stop_reason(args, st, deadline)
+                if reason:
+                    print(f"stopping: {reason}")
                     break
-                typical_run_s = st["gpu_s"]["total"] / max(st["run_counts"]["total"], 1)
-                if deadline and time.time() + typical_run_s >= deadline:
-                    print("stopping: the deadline comes before another run could finish")
-                    break
-                if args.max_cost and st["spend"]["usd"] >= args.max_cost:
-                    print(f"stopping: spend ${st['spend']['usd']:.2f} reached --max-cost")
-                    break
-                if not st["best"]["vals"]:
-                    n = st["next_n"]
-                    exp_dir = run_dir / f"{n:04d}"
-                    exp_dir.mkdir(parents=True, exist_ok=True)
-                    p = {"n": n, "kind": "baseline", "description": "baseline", "dir": str(exp_dir),
-                         "source": str(repo / "train.py"), "commit": st["best"]["commit"],
-                         "commit_date": 0, "attempt": 0, "runs": []}
-                else:
-                    p = new_experiment(ctx, st)
-                    if p is None:
-                        continue
+                p = new_experiment(ctx, st)
+                if p is None:
+                    continue
                 st["pending"] = p
                 st["next_n"] = p["n"] + 1
                 save_state(ctx, st)
@@ -1019,14 +1022,10 @@ def drive(args):
     finally:
         if st.get("pending"):
             restore_best(ctx, st)
-    print_totals(st, ctx)
-    return 0
-
-
-def print_totals(st, ctx):
     print(f"total: {st['next_n']} experiments, {st['rows']} runs, best {short_best(st)}, "
           f"spend ${st['spend']['usd']:.2f}, GPU {st['gpu_s']['total'] / 3600:.2f} h "
           f"({st['gpu_s']['noise'] / max(st['gpu_s']['total'], 1e-9):.0%} on noise handling)")
+    return 0
 
 
 # ---------------------------------------------------------------------------

@@ -433,9 +433,11 @@ def estimate_memory_bytes(num_params, config, tokens_per_micro_step):
     return 16 * num_params + tokens_per_micro_step * per_token
 
 
-def check_cuda_device(bf16_supported, free_bytes, need_bytes):
-    """Fail fast, naming the constants to change, on a GPU that cannot run these settings."""
-    assert bf16_supported, "this GPU has no bf16 support (needs compute capability >= 8.0, e.g. A100, RTX 30xx or newer)"
+def check_cuda_device(capability, free_bytes, need_bytes):
+    """Fail fast, naming the constants to change, on a GPU that cannot run these settings. bf16 is judged by
+    compute capability: torch.cuda.is_bf16_supported() also says True where bf16 is only emulated (T4, V100)."""
+    assert tuple(capability) >= (8, 0), (f"this GPU (compute capability {capability[0]}.{capability[1]}) has no "
+                                         "bf16 support (needs compute capability >= 8.0, e.g. A100, RTX 30xx or newer)")
     assert need_bytes <= free_bytes, (
         f"not enough GPU memory: about {need_bytes / 2**30:.1f} GiB needed, {free_bytes / 2**30:.1f} GiB free; lower "
         "DEVICE_BATCH_SIZE (gradient accumulation keeps TOTAL_BATCH_SIZE), DEPTH, or AUTORESEARCH_MAX_SEQ_LEN")
@@ -472,7 +474,7 @@ def main():
     if cuda:
         device_name = torch.cuda.get_device_name()
         free_bytes, _ = torch.cuda.mem_get_info()
-        check_cuda_device(torch.cuda.is_bf16_supported(), free_bytes,
+        check_cuda_device(torch.cuda.get_device_capability(), free_bytes,
                           estimate_memory_bytes(num_params, config, tokens_per_micro_step))
         peak_flops = gpu_peak_flops(device_name)
         print(f"device: {device_name}, peak bf16 {peak_flops / 1e12:.1f} TFLOP/s")

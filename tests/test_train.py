@@ -402,11 +402,15 @@ def test_memory_estimate_matches_reference_peak_at_defaults():
 
 
 def test_cuda_device_check_names_what_to_lower():
-    train.check_cuda_device(True, free_bytes=80 * 2**30, need_bytes=45 * 2**30)
-    with pytest.raises(AssertionError, match="no bf16 support"):
-        train.check_cuda_device(False, free_bytes=80 * 2**30, need_bytes=45 * 2**30)
+    for capability in [(8, 0), (8, 6), (9, 0), (12, 0)]:
+        train.check_cuda_device(capability, free_bytes=80 * 2**30, need_bytes=45 * 2**30)
+    # a T4 (7.5) or V100 (7.0): torch.cuda.is_bf16_supported() answers True there (bf16 emulated), so the
+    # check goes by compute capability; without native bf16 the compiled kernels fail or crawl
+    for capability in [(7, 5), (7, 0)]:
+        with pytest.raises(AssertionError, match=rf"compute capability {capability[0]}\.{capability[1]}\) has no bf16 support"):
+            train.check_cuda_device(capability, free_bytes=80 * 2**30, need_bytes=45 * 2**30)
     with pytest.raises(AssertionError) as error:
-        train.check_cuda_device(True, free_bytes=24 * 2**30, need_bytes=45 * 2**30)
+        train.check_cuda_device((9, 0), free_bytes=24 * 2**30, need_bytes=45 * 2**30)
     for name in ["DEVICE_BATCH_SIZE", "DEPTH", "AUTORESEARCH_MAX_SEQ_LEN", "45.0 GiB needed", "24.0 GiB free"]:
         assert name in str(error.value)
 

@@ -316,7 +316,7 @@ def build_request(model, repo, settings, program_md, train_py, history, messages
         {"type": "text", "text": "The current train.py:\n\n```python\n" + train_py + "\n```",
          "cache_control": {"type": "ephemeral"}},
         {"type": "text", "text": "Results of this run so far (results.tsv):\n\n" + history},
-        {"type": "text", "text": "Propose the next experiment with the edit_train_py tool."},
+        {"type": "text", "text": f"Propose the next experiment with the {TOOL_NAME} tool."},
     ]}
     # No forced tool_choice: current models think by default and answer a forced tool with a 400;
     # the prompt asks for the tool, and a reply without it is asked again.
@@ -367,7 +367,7 @@ def usage_cost(model, usage):
     price = model_price(model)
     if price is None:
         return counts, None
-    usd = sum(counts[k] * p for k, p in zip(("input", "output", "cache_write", "cache_read"), price))
+    usd = sum(n * p for n, p in zip(counts.values(), price))  # both in the table's order
     return counts, usd / 1e6
 
 
@@ -385,7 +385,8 @@ def apply_edits(source, edits, tried_hashes):
         if not isinstance(edit, dict) or not isinstance(edit.get("search"), str) \
                 or not isinstance(edit.get("replace"), str):
             return None, f"edit {i}: needs string fields `search` and `replace`."
-        search, count = edit["search"], new.count(edit["search"]) if edit["search"] else 0
+        search = edit["search"]
+        count = new.count(search) if search else 0
         if count != 1:
             where = "is empty" if not search else "was not found" if count == 0 else \
                 f"matches {count} places (add surrounding lines so it matches exactly one)"
@@ -402,9 +403,11 @@ def apply_edits(source, edits, tried_hashes):
     try:
         compile(new, "train.py", "exec")
     except SyntaxError as e:
-        return None, f"the edited train.py does not compile: line {e.lineno}: {e.msg}: {(e.text or '').strip()!r}"
+        return None, (f"the edited train.py does not compile: line {e.lineno}: {e.msg}: "
+                      f"{(e.text or '').strip()!r}")
     if sha256_bytes(new.encode()) in tried_hashes:
-        return None, "this train.py is identical to one already tried in this run; propose something else."
+        return None, ("this train.py is identical to one already tried in this run; "
+                      "propose something else.")
     changed = [l for l in difflib.ndiff(source.splitlines(), new.splitlines())
                if l[:2] in ("- ", "+ ") and l[2:].strip()]
     if changed and all("seed" in l.lower() for l in changed):
@@ -415,12 +418,12 @@ def apply_edits(source, edits, tried_hashes):
 def ask_llm(ctx, st, exp_dir, messages, source):
     """Ask for an edit until one validates (EDIT_ATTEMPTS). Returns (description, new source)
     or (None, None); messages (the conversation after the first user turn) grow in place."""
+    program = ctx["repo"] / "program.md"
     for _ in range(EDIT_ATTEMPTS):
-        request = build_request(ctx["model"], ctx["repo"], st["settings"], (ctx["repo"] / "program.md").read_text()
-                                if (ctx["repo"] / "program.md").exists() else "(no program.md)",
-                                st["context_train_py"], history_text(ctx["tsv"], st["best"],
-                                                                     st["sigma"], ctx["greedy"]),
-                                messages)
+        program_md = program.read_text() if program.exists() else "(no program.md)"  # read afresh
+        history = history_text(ctx["tsv"], st["best"], st["sigma"], ctx["greedy"])
+        request = build_request(ctx["model"], ctx["repo"], st["settings"], program_md,
+                                st["context_train_py"], history, messages)
         save_json(exp_dir / "prompt.json", request)
         reply = call_llm(ctx["client"], request)
         replies_path = exp_dir / "reply.json"
@@ -449,15 +452,14 @@ def ask_llm(ctx, st, exp_dir, messages, source):
 
 
 def add_spend(ctx, st, exp_dir, usage):
+    """Add one reply's tokens and cost to the run's total and to the experiment's usage.json."""
     counts, usd = usage_cost(ctx["model"], usage)
-    for k, v in counts.items():
-        st["spend"][k] = st["spend"].get(k, 0) + v
-    st["spend"]["usd"] += usd or 0.0
     path = exp_dir / "usage.json"
     per_exp = json.loads(path.read_text()) if path.exists() else {"usd": 0.0}
-    for k, v in counts.items():
-        per_exp[k] = per_exp.get(k, 0) + v
-    per_exp["usd"] += usd or 0.0
+    for spend in (st["spend"], per_exp):
+        for k, v in counts.items():
+            spend[k] = spend.get(k, 0) + v
+        spend["usd"] += usd or 0.0
     per_exp["price_known"] = usd is not None
     save_json(path, per_exp)
     save_state(ctx, st)  # spend is never lost, whatever happens next

@@ -757,21 +757,23 @@ def experiment_rows(ctx, st, p, status, note):
     description = p["description"]
     if p.get("fix_description"):
         description += f" (fixed after a crash: {p['fix_description']})"
-    lines, groups = [], {}
+    lines, runs_in_group = [], {}
     for r in p["runs"]:
-        groups.setdefault((r["role"], r["attempt"]), []).append(r)
-    for r in p["runs"]:
-        i = groups[(r["role"], r["attempt"])].index(r) + 1  # run number within its group
+        group = (r["role"], r["attempt"])
+        i = runs_in_group[group] = runs_in_group.get(group, 0) + 1  # run number within its group
         failed = r["val_bpb"] is None
         crash = f" [crash: {r['failure']}]" if failed else ""
+        row_status = "keep"  # noise runs and repeats of the best are runs of kept code
         if r["role"] == "noise":
-            text, row_status = f"noise run {i + 1}/{ctx['noise_runs']} (seed {r['seed']}): baseline{crash}", "keep"
+            text = f"noise run {i + 1}/{ctx['noise_runs']} (seed {r['seed']}): baseline{crash}"
         elif r["role"] == "best":
-            text, row_status = f"repeat of best (seed {r['seed']}): {st['best']['description']}{crash}", "keep"
+            text = f"repeat of best (seed {r['seed']}): {st['best']['description']}{crash}"
         else:
             text = (description if r["attempt"] == p["attempt"] else p["description"]) + crash
-            text = text + (f" [{note}]" if note and not failed else "") if i == 1 else \
-                f"repeat {i}/{CONFIRM_RUNS} (seed {r['seed']}): {text}"
+            if i > 1:
+                text = f"repeat {i}/{CONFIRM_RUNS} (seed {r['seed']}): {text}"
+            elif note and not failed:
+                text += f" [{note}]"
             row_status = status
         lines.append(format_row(r["commit"], r["val_bpb"], r["peak_vram_mb"],
                                 "crash" if failed else row_status, text))

@@ -1041,6 +1041,11 @@ def is_extra_run(row):
     return bool(EXTRA_RUN_RE.match(row["description"]))
 
 
+def idea_rows(rows):
+    """The rows of the experiments after the baseline, one per idea."""
+    return [r for r in rows if not is_extra_run(r) and not r["description"].startswith("baseline")]
+
+
 def report(tsv_path, journal_path=None, png_path=None):
     """Summarise results.tsv (and the run's journal when there is one); draw progress.png."""
     tsv_path = Path(tsv_path)
@@ -1048,7 +1053,7 @@ def report(tsv_path, journal_path=None, png_path=None):
         raise SystemExit(f"autoresearch: no {tsv_path}; run `python driver.py` first")
     rows = read_tsv(tsv_path)
     st = json.loads(Path(journal_path).read_text()) if journal_path and Path(journal_path).exists() else None
-    ideas = [r for r in rows if not is_extra_run(r) and not r["description"].startswith("baseline")]
+    ideas = idea_rows(rows)
     kept = [r for r in ideas if r["status"] == "keep"]
     baseline = next((r for r in rows if r["description"] == "baseline" and r["status"] == "keep"), None)
     crashes = [r for r in ideas if r["status"] == "crash"]
@@ -1141,7 +1146,7 @@ def plot_progress(rows, groups, sigma, png_path):
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel(f"run # ({len(rows)} runs, {crashes} crashed and not shown)")
     ax.set_ylabel("val_bpb (lower is better)")
-    ideas = [r for r in rows if not is_extra_run(r) and not r["description"].startswith("baseline")]
+    ideas = idea_rows(rows)
     ax.set_title(f"autoresearch progress: {sum(r['status'] == 'keep' for r in ideas)} kept of "
                  f"{len(ideas)} experiments after the baseline")
     ax.grid(alpha=0.3)

@@ -291,11 +291,12 @@ def history_text(tsv_path, best, sigma, greedy):
     lines = Path(tsv_path).read_text().splitlines()
     out = [lines[0] if lines else TSV_HEADER.strip()]
     for line in lines[1:]:
-        out.append(line + ("   <- best so far" if best_commit and line.startswith(best_commit[:7])
-                           and "\tkeep\t" in line else ""))
+        is_best = best_commit and line.startswith(best_commit[:7]) and "\tkeep\t" in line
+        out.append(line + ("   <- best so far" if is_best else ""))
     if not greedy and sigma:
+        need = margin(sigma, 1, max(len(best["vals"]), 1))
         out.append(f"\nNoise floor: val_bpb varies by about {sigma:.6f} (std) between seeds of "
-                   f"the same code; a win must beat the best by about {margin(sigma, 1, max(len(best['vals']), 1)):.6f}"
+                   f"the same code; a win must beat the best by about {need:.6f}"
                    " or it is re-run on other seeds to confirm.")
     return "\n".join(out)
 
@@ -828,24 +829,26 @@ def parse_deadline(text, now=None):
         return (t if t > now else t + datetime.timedelta(days=1)).timestamp()
     m = re.fullmatch(r"([\d.]+)\s*([hm]?)", text.strip())
     if not m:
-        raise SystemExit(f"autoresearch: --deadline {text!r}: give a time like 07:30 or a duration like 8h or 90m")
+        raise SystemExit(f"autoresearch: --deadline {text!r}: give a time like 07:30 "
+                         "or a duration like 8h or 90m")
     return now.timestamp() + float(m[1]) * (60 if m[2] == "m" else 3600)
 
 
 def start_run(args, repo):
     """Branch, journal and results.tsv for a new or resumed run. Setup errors stop here."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.tag):
-        raise SystemExit(f"autoresearch: --tag {args.tag!r}: use letters, digits, '.', '_' or '-' (e.g. nov22)")
+        raise SystemExit(f"autoresearch: --tag {args.tag!r}: use letters, digits, '.', '_' or '-' "
+                         "(e.g. nov22)")
     for name in ("train.py", "prepare.py"):
         if not (repo / name).exists():
-            raise SystemExit(f"autoresearch: no {name} in {repo}; run the driver inside the autoresearch repository")
+            raise SystemExit(f"autoresearch: no {name} in {repo}; "
+                             "run the driver inside the autoresearch repository")
     prepare = load_prepare(repo)
     try:
         hashes = metric_hashes(repo, prepare)
     except SystemExit as e:  # data or tokenizer not prepared: say which command to run
         raise SystemExit(f"autoresearch: {str(e.code).removeprefix('error: ')}")
-    settings = {"max_seq_len": prepare.MAX_SEQ_LEN, "time_budget": prepare.TIME_BUDGET,
-                "eval_tokens": prepare.EVAL_TOKENS}
+    settings = {key: getattr(prepare, key.upper()) for key in SETTINGS_KEYS}
     run_dir = repo / "runs" / args.tag
     journal = run_dir / "journal.json"
     branch = f"autoresearch/{args.tag}"
@@ -857,7 +860,8 @@ def start_run(args, repo):
             git(repo, "checkout", "-q", branch)
         if st["settings"] != settings:
             raise SystemExit(f"autoresearch: run {args.tag} started with {st['settings']} but the "
-                             f"settings now are {settings}; restore the AUTORESEARCH_* overrides or use a new --tag")
+                             f"settings now are {settings}; restore the AUTORESEARCH_* overrides "
+                             "or use a new --tag")
         if st["metric_hashes"] != hashes:
             raise SystemExit(f"autoresearch: prepare.py or the prepared data changed since run {args.tag} "
                              "started; its results would not be comparable. Use a new --tag.")
@@ -1068,8 +1072,8 @@ def report(tsv_path, journal_path=None, png_path=None):
         chain = [baseline] + kept
         base = statistics.fmean(groups[chain[0]["commit"]])
         best = statistics.fmean(groups[chain[-1]["commit"]])
-        lines.append(f"val_bpb (mean over seeds): baseline {base:.6f} -> best {best:.6f} ({best - base:+.6f}, "
-                     f"{chain[-1]['commit']}: {chain[-1]['description']})")
+        lines.append(f"val_bpb (mean over seeds): baseline {base:.6f} -> best {best:.6f} "
+                     f"({best - base:+.6f}, {chain[-1]['commit']}: {chain[-1]['description']})")
         steps = [(statistics.fmean(groups[a["commit"]]) - statistics.fmean(groups[b["commit"]]), b)
                  for a, b in zip(chain, chain[1:])]
         if steps:
@@ -1163,7 +1167,8 @@ def plot_progress(rows, groups, sigma, png_path):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
-        parser = argparse.ArgumentParser(prog="driver.py report", description="Summarise a run and draw progress.png.")
+        parser = argparse.ArgumentParser(prog="driver.py report",
+                                         description="Summarise a run and draw progress.png.")
         parser.add_argument("--tsv", default="results.tsv", help="results file (default results.tsv)")
         parser.add_argument("--journal", default=None,
                             help="the run's journal (default runs/<active tag>/journal.json)")
@@ -1177,13 +1182,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="Summary and progress.png: python driver.py report")
     parser.add_argument("--tag", default=time.strftime("%b%d").lower(),
-                        help="run name: branch autoresearch/<tag>; an existing tag resumes (default: today, %(default)s)")
+                        help="run name: branch autoresearch/<tag>; an existing tag resumes "
+                             "(default: today, %(default)s)")
     parser.add_argument("--model", default=os.environ.get("AUTORESEARCH_MODEL", DEFAULT_MODEL),
                         help="Claude model id (default: $AUTORESEARCH_MODEL or %(default)s)")
     parser.add_argument("--max-experiments", type=int, default=MAX_EXPERIMENTS, metavar="N",
                         help="stop after N experiments after the baseline (default: no limit)")
     parser.add_argument("--deadline", default=None, metavar="WHEN",
-                        help="no new experiment unless it can finish by then: 07:30, 8h or 90m (default: none)")
+                        help="no new experiment unless it can finish by then: 07:30, 8h or 90m "
+                             "(default: none)")
     parser.add_argument("--max-cost", type=float, default=MAX_COST_USD, metavar="USD",
                         help="stop once the LLM spend reaches this (default: no cap)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -1191,7 +1198,8 @@ def main(argv=None):
     parser.add_argument("--fix-attempts", type=int, default=FIX_ATTEMPTS, metavar="N",
                         help="times a crashed run goes back to the LLM for a fix (default: %(default)s)")
     parser.add_argument("--noise-runs", type=int, default=NOISE_RUNS, metavar="N",
-                        help="baseline runs on different seeds to measure the noise floor (default: %(default)s)")
+                        help="baseline runs on different seeds to measure the noise floor "
+                             "(default: %(default)s)")
     parser.add_argument("--greedy", action="store_true",
                         help="keep any run lower than the best: no noise floor, no confirmation runs")
     return drive(parser.parse_args(argv))

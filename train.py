@@ -16,7 +16,9 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import torch
+T_START = time.time()  # total_seconds counts from here, before the slow imports (torch, prepare)
+
+import torch  # noqa: E402
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -448,7 +450,6 @@ def check_cuda_device(capability, free_bytes, need_bytes):
 # ---------------------------------------------------------------------------
 
 def main():
-    t_start = time.time()
     torch.manual_seed(SEED)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -588,7 +589,7 @@ def main():
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {training_seconds:.1f}")
-    print(f"total_seconds:    {time.time() - t_start:.1f}")
+    print(f"total_seconds:    {time.time() - T_START:.1f}")
     print(f"peak_vram_mb:     {peak_vram_mb:.1f}")
     print(f"mfu_percent:      {mfu_percent:.2f}")
     print(f"total_tokens_M:   {step * TOTAL_BATCH_SIZE / 1e6:.1f}")

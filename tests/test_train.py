@@ -458,6 +458,13 @@ print(prepare.evaluate_bpb(Uniform(), prepare.Tokenizer.from_directory(), 4))
 """
 
 
+def test_total_seconds_clock_starts_before_torch_is_imported():
+    """total_seconds - training_seconds is the overhead bar: importing torch belongs in it."""
+    source = Path(train.__file__).read_text()
+    assert "time.time() - T_START" in source
+    assert source.index("T_START = time.time()") < source.index("import torch")
+
+
 def test_end_to_end_run_learns_and_prints_the_summary(tmp_path, prepared_cache):
     result = run_script(write_small_train(tmp_path), prepared_cache, AUTORESEARCH_SEED="7")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -420,11 +420,12 @@ def ask_llm(ctx, st, exp_dir, messages, source):
     """Ask for an edit until one validates (EDIT_ATTEMPTS). Returns (description, new source)
     or (None, None); messages (the conversation after the first user turn) grow in place."""
     program = ctx["repo"] / "program.md"
+    best_py = best_train_py(ctx, st)
     for _ in range(EDIT_ATTEMPTS):
         program_md = program.read_text() if program.exists() else "(no program.md)"  # read afresh
         history = history_text(ctx["tsv"], st["best"], st["sigma"], ctx["greedy"])
-        request = build_request(ctx["model"], ctx["repo"], st["settings"], program_md,
-                                st["context_train_py"], history, messages)
+        request = build_request(ctx["model"], ctx["repo"], st["settings"], program_md, best_py,
+                                history, messages)
         save_json(exp_dir / "prompt.json", request)
         reply = call_llm(ctx["client"], request)
         replies_path = exp_dir / "reply.json"
@@ -627,6 +628,12 @@ def measured(runs):
     return [r["val_bpb"] for r in runs if r["val_bpb"] is not None]
 
 
+def best_train_py(ctx, st):
+    """train.py of the best commit: the code the LLM is shown and edits."""
+    return subprocess.run(["git", "show", f"{st['best']['commit']}:train.py"], cwd=ctx["repo"],
+                          capture_output=True, text=True, check=True).stdout
+
+
 def restore_best(ctx, st):
     """Branch back to the best commit and train.py from it; no other file is touched."""
     git(ctx["repo"], "reset", "-q", "--soft", st["best"]["commit"])
@@ -809,8 +816,6 @@ def finish(ctx, st, p, status, note):
     st["pending"] = None
     save_state(ctx, st)
     restore_best(ctx, st)
-    st["context_train_py"] = (ctx["repo"] / "train.py").read_text()
-    save_state(ctx, st)
     return final
 
 
@@ -867,7 +872,6 @@ def start_run(args, repo):
                              "started; its results would not be comparable. Use a new --tag.")
         if not st["best"]["vals"] and not st["pending"]:  # the baseline failed: start from the fix
             st["best"]["commit"] = git(repo, "rev-parse", "HEAD")
-            st["context_train_py"] = git_show_train_py(repo, st["best"]["commit"])
             save_json(journal, st)
         print(f"resuming run {args.tag}: {st['rows']} rows, best {short_best(st)}")
     else:
@@ -885,7 +889,6 @@ def start_run(args, repo):
               "best": {"commit": head, "description": "baseline", "vals": []},
               "groups": {}, "sigma": None, "rows": 0, "next_n": 0, "next_seed": BASE_SEED,
               "tried": [sha256_bytes((repo / "train.py").read_bytes())],
-              "context_train_py": (repo / "train.py").read_text(),
               "gpu_s": {"total": 0.0, "noise": 0.0}, "run_counts": {"total": 0, "noise": 0},
               "wins_rejected": 0,
               "spend": {"usd": 0.0}, "pending": None}
@@ -893,11 +896,6 @@ def start_run(args, repo):
             os.replace(repo / "results.tsv", run_dir / f"results-orphaned-{int(time.time())}.tsv")
         save_json(journal, st)
     return st, prepare, run_dir
-
-
-def git_show_train_py(repo, commit):
-    return subprocess.run(["git", "show", f"{commit}:train.py"], cwd=repo, capture_output=True,
-                          text=True, check=True).stdout
 
 
 def park_results(repo, tag):
@@ -963,8 +961,8 @@ def new_experiment(ctx, st):
         return {"n": n, "kind": "baseline", "description": "baseline", "dir": str(exp_dir),
                 "source": str(ctx["repo"] / "train.py"), "commit": st["best"]["commit"],
                 "commit_date": 0, "attempt": 0, "runs": []}
-    messages = []
-    description, source = ask_llm(ctx, st, exp_dir, messages, st["context_train_py"])
+    best_py = best_train_py(ctx, st)
+    description, source = ask_llm(ctx, st, exp_dir, [], best_py)
     if source is None:
         print(f"{n:4d}  no valid edit after {EDIT_ATTEMPTS} tries; asking for a new idea", flush=True)
         st["next_n"] = n + 1
@@ -972,7 +970,7 @@ def new_experiment(ctx, st):
         return None
     (exp_dir / "candidate.py").write_text(source)
     (exp_dir / "diff.patch").write_text("".join(difflib.unified_diff(
-        st["context_train_py"].splitlines(True), source.splitlines(True), "a/train.py", "b/train.py")))
+        best_py.splitlines(True), source.splitlines(True), "a/train.py", "b/train.py")))
     return {"n": n, "kind": "candidate", "description": description, "dir": str(exp_dir),
             "source": str(exp_dir / "candidate.py"), "commit": None, "commit_date": int(time.time()),
             "attempt": 0, "runs": []}

@@ -527,6 +527,22 @@ def kill_stale_training(pid_file):
     pid_file.unlink()
 
 
+def summary_failure(summary, returncode, settings, seed):
+    """Why a finished run's summary cannot be compared ("" when it can)."""
+    if "val_bpb" not in summary:
+        return f"no val_bpb in the output (exit code {returncode})"
+    if not math.isfinite(number(summary["val_bpb"])):
+        return f"val_bpb is {summary['val_bpb']}"
+    for key in SETTINGS_KEYS:
+        if number(summary.get(key)) != float(settings[key]):
+            return (f"refused: the summary reports {key} {summary.get(key, '(missing)')} but "
+                    f"the driver runs with {settings[key]}; evaluation settings must not change")
+    if summary.get("seed") != str(seed):
+        return (f"refused: the summary reports seed {summary.get('seed', '(missing)')} but the "
+                f"driver set AUTORESEARCH_SEED={seed}; train.py must use and print that seed")
+    return ""
+
+
 def run_training(repo, log_path, seed, timeout_s, settings, pid_file):
     """Run `python train.py` time-boxed and judge its summary."""
     start = time.time()
@@ -545,21 +561,10 @@ def run_training(repo, log_path, seed, timeout_s, settings, pid_file):
             pid_file.unlink(missing_ok=True)
     seconds = time.time() - start
     summary = parse_summary(Path(log_path).read_text(errors="replace"))
-    failure = ""
     if timed_out:
         failure = f"timed out after {timeout_s:.0f} s (the whole process group was killed)"
-    elif "val_bpb" not in summary:
-        failure = f"no val_bpb in the output (exit code {proc.returncode})"
     else:
-        if not math.isfinite(number(summary["val_bpb"])):
-            failure = f"val_bpb is {summary['val_bpb']}"
-        for key in SETTINGS_KEYS:
-            if not failure and number(summary.get(key)) != float(settings[key]):
-                failure = (f"refused: the summary reports {key} {summary.get(key, '(missing)')} but "
-                           f"the driver runs with {settings[key]}; evaluation settings must not change")
-        if not failure and summary.get("seed") != str(seed):
-            failure = (f"refused: the summary reports seed {summary.get('seed', '(missing)')} but the "
-                       f"driver set AUTORESEARCH_SEED={seed}; train.py must use and print that seed")
+        failure = summary_failure(summary, proc.returncode, settings, seed)
     if failure:
         return RunResult(None, 0.0, seconds, failure)
     vram_mb = number(summary.get("peak_vram_mb"))
@@ -664,13 +669,11 @@ def commit_candidate(ctx, st, p):
 def one_run(ctx, st, p, role, seed):
     """Put the right code in train.py, train once, record the run in the pending entry."""
     repo = ctx["repo"]
-    if role == "best":  # the branch stays on the candidate; only the file is swapped
-        commit = st["best"]["commit"]
-    else:
-        if git(repo, "rev-parse", "HEAD") != p.get("commit"):
-            p["commit"] = commit_candidate(ctx, st, p)
-            save_state(ctx, st)
-        commit = p["commit"]
+    if role != "best" and git(repo, "rev-parse", "HEAD") != p.get("commit"):
+        p["commit"] = commit_candidate(ctx, st, p)
+        save_state(ctx, st)
+    # a repeat of the best leaves the branch on the candidate and only swaps the file
+    commit = st["best"]["commit"] if role == "best" else p["commit"]
     git(repo, "checkout", "-q", commit, "--", "train.py")
     k = len(p["runs"])
     log_path = Path(p["dir"]) / ("train.log" if k == 0 else f"train-{k + 1}.log")

@@ -31,7 +31,6 @@ import pyarrow.parquet as pq
 import requests
 import rustbpe
 import tiktoken
-import torch
 
 # ---------------------------------------------------------------------------
 # Constants (fixed, do not modify); the AUTORESEARCH_* environment is read here and only here
@@ -57,6 +56,12 @@ VOCAB_SIZE = 8192                               # BPE vocabulary, special tokens
 SEED = _env("SEED", 42)                         # the run's seed (the driver sets it): train.py's init
 CACHE_DIR = Path(_env("CACHE", "~/.cache/autoresearch")).expanduser()  # all prepared data
 DATA_URL = _env("DATA_URL", CLIMBMIX_URL)       # where shards come from (a mirror, a test server)
+# train.py's compiled kernels live in the cache too, so a warm compile is seconds, a cold one minutes.
+# Set before torch is imported (some of its modules read it at import) and not as a default: a value
+# inherited from a parent process that used another cache would otherwise win.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(CACHE_DIR / "torchinductor")
+
+import torch  # noqa: E402
 
 VAL_SHARD = 6542                                # the pinned ClimbMix validation shard (the last one)
 DEFAULT_NUM_SHARDS = 10                         # ClimbMix train shards downloaded by default

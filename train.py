@@ -9,7 +9,6 @@ Usage: python train.py
 
 import gc
 import math
-import os
 import re
 import sys
 import time
@@ -18,12 +17,13 @@ from dataclasses import dataclass
 
 T_START = time.time()  # total_seconds counts from here, before the slow imports (torch, prepare)
 
+# prepare first: it points torch's compile cache (TORCHINDUCTOR_CACHE_DIR) into its cache, then imports torch
+from prepare import (EVAL_TOKENS, MAX_SEQ_LEN, SEED, TIME_BUDGET, Tokenizer,  # noqa: E402
+                     evaluate_bpb, make_dataloader)
 import torch  # noqa: E402
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-from prepare import CACHE_DIR, EVAL_TOKENS, MAX_SEQ_LEN, SEED, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Hyperparameters (edit these directly)
@@ -33,6 +33,7 @@ DEPTH = 8                       # transformer layers
 ASPECT_RATIO = 64               # model dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
 HEAD_DIM = 128                  # channels per attention head
 WINDOW_PATTERN = "SSSL"         # per-layer attention window, repeated: S = half context, L = full; last layer is L
+FLEX_KERNEL_OPTIONS = {}        # FlexAttention tiles for the S layers on CUDA (speed only; {} = PyTorch's defaults)
 VE_GATE_CHANNELS = 32           # value-embedding gate reads this many leading channels of the attention input
 SOFTCAP = 15.0                  # logits soft-cap: SOFTCAP * tanh(logits / SOFTCAP)
 TOTAL_BATCH_SIZE = 2**19        # tokens per optimizer step (gradient accumulation fills it)
@@ -122,7 +123,10 @@ def has_value_embedding(layer, n_layer):
 
 
 def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
+    """RMS norm without a weight, returning x's dtype: the residual stream is bf16 on CUDA (as in the
+    original) whatever the torch version's autocast does with rms_norm (2.11 keeps it in bf16, 2.13 runs
+    it in fp32, which would silently make the stream fp32 and change results and memory)."""
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 def apply_rotary(x, cos, sin):
@@ -141,7 +145,7 @@ def causal_attention(q, k, v, window, block_mask=None):
     if window >= T - 1:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if block_mask is not None:
-        return flex_attention(q, k, v, block_mask=block_mask)
+        return flex_attention(q, k, v, block_mask=block_mask, kernel_options=FLEX_KERNEL_OPTIONS or None)
     pos = torch.arange(T, device=q.device)
     offset = pos[:, None] - pos[None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=(offset >= 0) & (offset <= window))
@@ -173,8 +177,7 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:  # value residual: a gated per-token embedding added to v, one gate per kv head
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, H)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
-        # CUDA autocast runs rms_norm in fp32; FlexAttention needs q, k, v of one dtype (bf16)
-        q, k = norm(apply_rotary(q, cos, sin)).type_as(v), norm(apply_rotary(k, cos, sin)).type_as(v)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # same dtype as v (bf16 on CUDA)
         y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, block_mask)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
@@ -219,9 +222,12 @@ class GPT(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def rotary_tables(self):
-        """cos/sin (1, T, 1, head_dim/2) in bf16 for angles position * 10000^(-2i/head_dim)."""
+        """cos/sin (1, T, 1, head_dim/2) in bf16 for angles position / 10000^(2i/head_dim).
+
+        Written as the original writes it: 10000 ** (-2i/d) rounds differently in fp32 and moves 229 of
+        the 262,144 bf16 entries at the defaults by one step."""
         head_dim = self.config.n_embd // self.config.n_head
-        inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         angles = torch.outer(torch.arange(self.config.sequence_len, dtype=torch.float32), inv_freq)
         return angles.cos().bfloat16()[None, :, None, :], angles.sin().bfloat16()[None, :, None, :]
 
@@ -449,15 +455,33 @@ def check_cuda_device(capability, free_bytes, need_bytes):
 # Training
 # ---------------------------------------------------------------------------
 
+def configure_cuda():
+    torch.set_float32_matmul_precision("high")
+    # One compile per optimizer group shape (~9 at the defaults; Dynamo's default limit is 8). With
+    # fullgraph=True, going past the limit is a hard error, not a fallback to eager.
+    torch._dynamo.config.recompile_limit = 32
+
+
+def materialize(raw_model, device):
+    """Allocate and initialize a model built on the meta device; on CUDA store the embeddings in bf16,
+    build the attention block masks and compile. Returns (model to call, optimizer)."""
+    cuda = device.type == "cuda"
+    raw_model.to_empty(device=device)
+    raw_model.init_weights()
+    if cuda:
+        raw_model.wte.to(dtype=torch.bfloat16)
+        raw_model.value_embeds.to(dtype=torch.bfloat16)
+        raw_model.build_attention_masks()
+    model = torch.compile(raw_model, dynamic=False) if cuda else raw_model
+    return model, MuonAdamW(raw_model, compile_steps=cuda)
+
+
 def main():
     torch.manual_seed(SEED)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
-        # Reuse compiled kernels across runs of the same code: a warm compile is seconds, a cold one minutes.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR / "torchinductor"))
-        torch.set_float32_matmul_precision("high")
-        torch._dynamo.config.recompile_limit = 32  # one compile per optimizer group; past the limit: silent eager
+        configure_cuda()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
     tokenizer = Tokenizer.from_directory()
@@ -475,22 +499,16 @@ def main():
     if cuda:
         device_name = torch.cuda.get_device_name()
         free_bytes, _ = torch.cuda.mem_get_info()
-        check_cuda_device(torch.cuda.get_device_capability(), free_bytes,
-                          estimate_memory_bytes(num_params, config, tokens_per_micro_step))
+        need_bytes = estimate_memory_bytes(num_params, config, tokens_per_micro_step)
+        check_cuda_device(torch.cuda.get_device_capability(), free_bytes, need_bytes)
         peak_flops = gpu_peak_flops(device_name)
-        print(f"device: {device_name}, peak bf16 {peak_flops / 1e12:.1f} TFLOP/s")
+        print(f"device: {device_name}, peak bf16 {peak_flops / 1e12:.1f} TFLOP/s, "
+              f"estimated peak memory {need_bytes / 2**20:,.0f} MB of {free_bytes / 2**20:,.0f} MB free")
         if peak_flops == 0:
             print(f"note: {device_name!r} is not in GPU_PEAK_FLOPS, so MFU is reported as 0")
     else:
         print("device: cpu (no CUDA): fp32, eager, slow; MFU and peak VRAM are reported as 0")
-    raw_model.to_empty(device=device)
-    raw_model.init_weights()
-    if cuda:
-        raw_model.wte.to(dtype=torch.bfloat16)
-        raw_model.value_embeds.to(dtype=torch.bfloat16)
-        raw_model.build_attention_masks()
-    model = torch.compile(raw_model, dynamic=False) if cuda else raw_model
-    optimizer = MuonAdamW(raw_model, compile_steps=cuda)
+    model, optimizer = materialize(raw_model, device)
     print(f"seed: {SEED}, params: {num_params / 1e6:.1f}M, FLOPs/token: {flops_per_token / 1e6:.1f}M, "
           f"dim {config.n_embd}, heads {config.n_head}, windows {raw_model.windows}")
     print(f"settings: max_seq_len {MAX_SEQ_LEN}, time_budget {TIME_BUDGET}s, eval_tokens {EVAL_TOKENS}, "
@@ -500,7 +518,8 @@ def main():
     x, y, epoch = next(train_loader)
 
     # The host runs one step ahead of the device: it reads step s-1's loss and time (an event that
-    # has already fired) while step s is queued, so no step waits for a host round trip.
+    # has already fired) while step s is queued, so no step waits for a host round trip. Progress (LR,
+    # weight decay, the stop) therefore lags one step behind the original's: one step more is trained.
     if cuda:
         def mark():
             event = torch.cuda.Event(enable_timing=True)
@@ -516,7 +535,7 @@ def main():
         def seconds_between(start, end):
             return end - start
     loss_host = torch.zeros(2, pin_memory=cuda)  # two slots: step s writes s % 2 while s-1's is read
-    stats = dict(training_seconds=0.0, smooth_loss=0.0)
+    stats = dict(training_seconds=0.0, warmup_seconds=0.0, smooth_loss=0.0)
 
     def finish_step(step, start, end, lrm, epoch):
         """Wait for `step` to end on the device, then check its loss, count its time, print progress."""
@@ -525,8 +544,7 @@ def main():
         if math.isnan(loss) or loss > 100:
             print(f"\nFAIL: training loss {loss} at step {step}")
             sys.exit(1)
-        if step >= WARMUP_STEPS:
-            stats["training_seconds"] += dt
+        stats["training_seconds" if step >= WARMUP_STEPS else "warmup_seconds"] += dt
         stats["smooth_loss"] = 0.9 * stats["smooth_loss"] + 0.1 * loss
         smooth = stats["smooth_loss"] / (1 - 0.9 ** (step + 1))
         done = 100 * min(stats["training_seconds"] / TIME_BUDGET, 1.0)
@@ -545,6 +563,7 @@ def main():
                 model(x[:rows], y[:rows], reduction="none")
 
     step, pending = 0, None
+    startup_seconds = time.time() - T_START
     start = mark()
     while True:
         progress = min(stats["training_seconds"] / TIME_BUDGET, 1.0)
@@ -579,8 +598,10 @@ def main():
     print()
     training_seconds = stats["training_seconds"]
 
+    eval_start = time.time()
     with torch.no_grad(), autocast:
         val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    eval_seconds = time.time() - eval_start
 
     counted_tokens = (step - WARMUP_STEPS) * TOTAL_BATCH_SIZE
     tokens_per_sec = counted_tokens / training_seconds
@@ -601,6 +622,10 @@ def main():
     print(f"max_seq_len:      {MAX_SEQ_LEN}")
     print(f"time_budget:      {TIME_BUDGET}")
     print(f"eval_tokens:      {EVAL_TOKENS}")
+    # where total_seconds - training_seconds goes: start-up (imports, model, data), steps 0..10, the metric
+    print(f"startup_seconds:  {startup_seconds:.1f}")
+    print(f"warmup_seconds:   {stats['warmup_seconds']:.1f}")
+    print(f"eval_seconds:     {eval_seconds:.1f}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import train  # noqa: E402
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
                 "total_tokens_M", "num_steps", "num_params_M", "depth"]
-EXTRA_KEYS = ["tokens_per_sec", "seed", "max_seq_len", "time_budget", "eval_tokens"]
+EXTRA_KEYS = ["tokens_per_sec", "seed", "max_seq_len", "time_budget", "eval_tokens", "startup_seconds",
+              "warmup_seconds", "eval_seconds"]
 
 
 def small_config(monkeypatch, depth=2, vocab_size=256, sequence_len=64):
@@ -86,6 +87,19 @@ def test_init_follows_the_spec(monkeypatch):
     assert model.cos.dtype == torch.bfloat16 and model.cos.shape == (1, 64, 1, 16)
 
 
+def test_rotary_tables_are_bitwise_the_originals():
+    """The original computes inv_freq = 1 / 10000 ** (2i/d); 10000 ** (-2i/d) rounds differently in fp32
+    and moves 229 of the 262,144 bf16 entries at the defaults by one step."""
+    with torch.device("meta"):
+        model = train.GPT(train.make_config(8192, 2048))
+    cos, sin = model.rotary_tables()
+    channels = torch.arange(0, 128, 2, dtype=torch.float32)
+    inv_freq = 1.0 / (10000 ** (channels / 128))
+    angles = torch.outer(torch.arange(2048, dtype=torch.float32), inv_freq)
+    assert torch.equal(cos, angles.cos().bfloat16()[None, :, None, :])
+    assert torch.equal(sin, angles.sin().bfloat16()[None, :, None, :])
+
+
 def test_rotary_makes_scores_depend_on_relative_position_only(monkeypatch):
     model = build(small_config(monkeypatch))
     cos, sin = model.cos.float(), model.sin.float()
@@ -145,7 +159,7 @@ def test_forward_returns_per_token_losses_for_the_metric(monkeypatch):
 def reference_attention(q, k, v, window):
     """softmax(Q K^T / sqrt(d) + mask) V, query i seeing keys i-window .. i."""
     T = q.size(-2)
-    i = torch.arange(T)
+    i = torch.arange(T, device=q.device)
     offset = i[:, None] - i[None, :]
     mask = torch.where((offset >= 0) & (offset <= window), 0.0, float("-inf"))
     return torch.softmax(q @ k.mT / q.size(-1) ** 0.5 + mask, dim=-1) @ v
@@ -208,22 +222,46 @@ def test_model_uses_block_masks_only_at_full_length(monkeypatch):
     torch.testing.assert_close(short, dense[:, :40], atol=1e-4, rtol=1e-4)
 
 
-def test_attention_inputs_share_one_dtype_when_norm_runs_in_fp32(monkeypatch):
-    """CUDA autocast runs rms_norm in fp32 (CPU autocast does not), so q and k would reach the
-    attention in fp32 beside a bf16 v: FlexAttention then refuses them, or runs in fp32 several
-    times slower. Emulate that policy on CPU and check what the attention receives."""
+def test_residual_stream_stays_bf16_when_autocast_runs_norm_in_fp32(monkeypatch):
+    """torch 2.13's CUDA autocast runs rms_norm in fp32 (2.11's and CPU autocast do not): the stream
+    would turn fp32 (other results, more memory) and q, k would reach FlexAttention in fp32 beside a
+    bf16 v. Emulate that policy on CPU: every block still takes and gives bf16, attention gets bf16."""
     torch.manual_seed(0)
     model = build(small_config(monkeypatch))
     model.wte.to(dtype=torch.bfloat16)  # as train.py stores them on CUDA
     model.value_embeds.to(dtype=torch.bfloat16)
     model.build_attention_masks()
-    monkeypatch.setattr(train, "norm", lambda x: torch.nn.functional.rms_norm(x.float(), (x.size(-1),)))
+    rms_norm = torch.nn.functional.rms_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda x, *args, **kw: rms_norm(x.float(), *args, **kw))
     seen, attention = [], train.causal_attention
     monkeypatch.setattr(train, "causal_attention",
                         lambda q, k, v, *args: seen.append((q.dtype, k.dtype, v.dtype)) or attention(q, k, v, *args))
+    streams = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: streams.append((args[0].dtype, out.dtype)))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # linears give bf16, as on CUDA
         logits = model(torch.randint(0, 256, (2, 64)))
-    assert seen == [(torch.bfloat16,) * 3] * 2 and torch.isfinite(logits).all()
+    assert seen == [(torch.bfloat16,) * 3] * 2
+    assert streams == [(torch.bfloat16, torch.bfloat16)] * 2
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_norm_keeps_the_input_dtype():
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert train.norm(x).dtype == torch.bfloat16 and train.norm(x.float()).dtype == torch.float32
+    torch.testing.assert_close(train.norm(x.float()), x.float() / x.float().square().mean(-1, keepdim=True).sqrt(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_flex_kernel_options_reach_flex_attention(monkeypatch):
+    q, k, v = random_qkv(128, requires_grad=False)
+    block_mask = train.build_block_mask(16, 128, "cpu")
+    calls = []
+    monkeypatch.setattr(train, "flex_attention", lambda *args, **kw: calls.append(kw["kernel_options"]) or q)
+    train.causal_attention(q, k, v, 16, block_mask)
+    monkeypatch.setattr(train, "FLEX_KERNEL_OPTIONS", {"BLOCK_M": 64, "BLOCK_N": 64})
+    train.causal_attention(q, k, v, 16, block_mask)
+    assert calls == [None, {"BLOCK_M": 64, "BLOCK_N": 64}]  # {} means PyTorch's own defaults
 
 
 # ---------------------------------------------------------------------------
@@ -434,7 +472,8 @@ def write_small_train(tmp_path, **overrides):
 
 
 def run_script(path, cache, args=(), **env):
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "AUTORESEARCH_CACHE": str(cache),
+    python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    full_env = {**os.environ, "PYTHONPATH": python_path, "AUTORESEARCH_CACHE": str(cache),
                 "AUTORESEARCH_MAX_SEQ_LEN": "128", "AUTORESEARCH_TIME_BUDGET": "10",
                 "AUTORESEARCH_EVAL_TOKENS": str(16 * 128), **env}
     result = subprocess.run([sys.executable, str(path), *args], cwd=path.parent, env=full_env,
@@ -462,7 +501,21 @@ def test_total_seconds_clock_starts_before_torch_is_imported():
     """total_seconds - training_seconds is the overhead bar: importing torch belongs in it."""
     source = Path(train.__file__).read_text()
     assert "time.time() - T_START" in source
-    assert source.index("T_START = time.time()") < source.index("import torch")
+    assert source.index("T_START = time.time()") < min(source.index("import torch"), source.index("from prepare"))
+
+
+def test_compile_cache_is_set_in_the_project_cache_before_torch_is_imported(tmp_path):
+    """Set after `import torch`, any import that reads it earlier (torch._dynamo.package) silently moves
+    the cache; a value inherited from a parent that used another cache must not win either."""
+    code = ("import sys, train, torch\n"
+            "from torch._inductor.runtime.cache_dir_utils import cache_dir\n"
+            "print(cache_dir())")
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "elsewhere")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == str(tmp_path / "torchinductor")
+    source = Path(ROOT / "prepare.py").read_text()
+    assert source.index('os.environ["TORCHINDUCTOR_CACHE_DIR"]') < source.index("import torch")
 
 
 def test_end_to_end_run_learns_and_prints_the_summary(tmp_path, prepared_cache):
@@ -476,6 +529,9 @@ def test_end_to_end_run_learns_and_prints_the_summary(tmp_path, prepared_cache):
     assert int(summary["num_steps"]) > train.WARMUP_STEPS
     assert 10 <= float(summary["training_seconds"]) < 20
     assert float(summary["total_seconds"]) > float(summary["training_seconds"])
+    overhead = float(summary["total_seconds"]) - float(summary["training_seconds"])
+    parts = [float(summary[k]) for k in ("startup_seconds", "warmup_seconds", "eval_seconds")]
+    assert all(p > 0 for p in parts) and sum(parts) <= overhead + 0.2  # the overhead, decomposed
     assert float(summary["total_tokens_M"]) == pytest.approx(int(summary["num_steps"]) * 1024 / 1e6, abs=0.051)
     progress = {int(m[0]): m for m in re.findall(
         r"\rstep (\d{5}) \(([\d.]+)%\) \| loss: [\d.]+ \| lrm: ([\d.]+) \| dt: \d+ms \| tok/sec: [\d,]+ \| "
@@ -508,6 +564,7 @@ def test_end_to_end_on_cuda_compiles_and_reports_gpu_figures(tmp_path, prepared_
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = parse_summary(result.stdout)
     assert float(summary["peak_vram_mb"]) > 0
+    assert re.search(r"estimated peak memory [\d,]+ MB of [\d,]+ MB free", result.stdout)
     if train.gpu_peak_flops(torch.cuda.get_device_name()):
         assert float(summary["mfu_percent"]) > 0
     assert any((Path(prepared_cache) / "torchinductor").iterdir())  # the persistent compile cache

@@ -1,0 +1,26 @@
+"""The GPU machine's first-contact script, dry-run on CPU: a typo there would cost a slice of GPU time."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run_runs_every_step_and_summarizes(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels"),
+           "CORPUS": str(ROOT / "tests" / "data" / "sample"), "WORK": str(tmp_path / "work")}
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out), "--dry-run"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    for step in ("prepare", "cold", "warm", "tests", "attention"):
+        assert f"{step:<10} rc=0 " in summary, summary
+    for run in ("cold", "warm"):
+        assert f"{run}.log: val_bpb " in summary and "overhead " in summary, summary
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["env.txt", "prepare.log", "cold.log", "warm.log", "summary.txt", "tests.log", "attention.txt"])
+    assert "fastest exact candidate, window" in (out / "attention.txt").read_text()
+    assert "passed" in (out / "tests.log").read_text()

@@ -1,5 +1,6 @@
 """Shared fixtures for the driver tests: a fake Anthropic server, a real git repository in
-tmp_path holding the driver with stand-in prepare.py / train.py, and small helpers."""
+tmp_path holding the driver (driver.py and the package autoresearch/) with stand-in
+prepare.py / train.py, and small helpers."""
 
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from fake_anthropic import FakeAnthropic
 MAIN = Path(__file__).resolve().parents[1]
 STANDINS = Path(__file__).resolve().parent / "standins"
 sys.path.insert(0, str(MAIN))
-import driver  # noqa: E402
+from autoresearch import cli, llm, training  # noqa: E402
 
 BASE_LINE = "TRUE_BPB = 1.000000"
 MODE_LINE = 'MODE = "ok"'
@@ -36,6 +37,7 @@ def repo(tmp_path, fake, monkeypatch):
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy(MAIN / "driver.py", repo)
+    shutil.copytree(MAIN / "autoresearch", repo / "autoresearch", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(MAIN / ".gitignore", repo)
     shutil.copy(STANDINS / "prepare.py", repo)
     shutil.copy(STANDINS / "train.py", repo)
@@ -54,14 +56,19 @@ def repo(tmp_path, fake, monkeypatch):
     monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-secret")
     monkeypatch.delenv("AUTORESEARCH_MODEL", raising=False)
-    monkeypatch.setattr(driver, "LLM_BACKOFF_S", 0.01)
-    monkeypatch.setattr(driver, "KILL_GRACE_S", 0.5)
+    monkeypatch.setattr(llm, "LLM_BACKOFF_S", 0.01)
+    monkeypatch.setattr(training, "KILL_GRACE_S", 0.5)
     monkeypatch.chdir(repo)
     return repo
 
 
+STANDIN_ENV = ["--pass-env", "STANDIN_GRANDCHILD_FILE", "--pass-env", "STANDIN_ONCE_FILE",
+               "--pass-env", "STANDIN_PID_FILE"]  # the stand-in's knobs reach it only when passed
+
+
 def run(*args):
-    return driver.main(["--tag", "t", *args])
+    """The driver in-process on the test repo (CPU: --allow-cpu)."""
+    return cli.main(["--tag", "t", "--allow-cpu", *STANDIN_ENV, *args])
 
 
 def rows(repo):

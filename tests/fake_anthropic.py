@@ -2,9 +2,11 @@
 
 The real `anthropic` client talks to it through ANTHROPIC_BASE_URL. Replies are scripted
 in order: an edit (answered as a thinking block then a tool_use, as current models reply),
-an HTTP error, or a function of the request. Every request body is recorded. Like the real
-API for models that think, it answers 400 to a forced tool_choice and to a conversation whose
-assistant turns lost their thinking blocks.
+an HTTP error, a broken 200 (cut short, or a proxy's HTML page), or a function of the
+request. Every request body is recorded. Like the real API for models that think, it answers
+400 to a forced tool_choice and to a conversation whose assistant turns lost their thinking
+blocks. GET /v1/models/<id> (the driver's start-up check) answers from `model_replies`, a
+model entry when that is empty; `model_checks` records the ids asked for.
 """
 
 import json
@@ -27,6 +29,16 @@ def drop():
     return {"drop": True}
 
 
+def cut_short():
+    """A 200 whose JSON body ends early, with no content-length (the connection closes)."""
+    return {"raw": b'{"id": "msg_x", "type": "message", "role": "assis', "type": b"application/json"}
+
+
+def html_page():
+    """A 200 that is a proxy's HTML page, not the API's JSON."""
+    return {"raw": b"<html><body>Please log in to the proxy</body></html>", "type": b"text/html"}
+
+
 def slow(seconds, reply):
     """Answer `reply` only after `seconds` (longer than the client's timeout: a timeout)."""
     return {"sleep": seconds, "then": reply}
@@ -37,11 +49,24 @@ class FakeAnthropic:
 
     def __init__(self):
         self.replies, self.requests = [], []
+        self.model_replies, self.model_checks = [], []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            def do_GET(self):
+                model = self.path.rsplit("/", 1)[-1]
+                fake.model_checks.append(model)
+                reply = fake.model_replies.pop(0) if fake.model_replies else \
+                    {"type": "model", "id": model, "display_name": model, "created_at": "2026-01-01T00:00:00Z"}
+                if "status" in reply:
+                    return self.send(reply["status"], {"type": "error", "error": {
+                        "type": reply["kind"], "message": reply["message"]}})
+                if "raw" in reply:
+                    return self.send_raw(reply)
+                self.send(200, reply)
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
@@ -64,6 +89,8 @@ class FakeAnthropic:
                 if "status" in reply:
                     payload = {"type": "error", "error": {"type": reply["kind"], "message": reply["message"]}}
                     return self.send(reply["status"], payload)
+                if "raw" in reply:
+                    return self.send_raw(reply)
                 n = len(fake.requests)
                 self.send(200, {
                     "id": f"msg_{n}", "type": "message", "role": "assistant", "model": body["model"],
@@ -73,6 +100,15 @@ class FakeAnthropic:
                     "stop_reason": "tool_use", "stop_sequence": None,
                     "usage": {"input_tokens": 1000, "output_tokens": 200,
                               "cache_creation_input_tokens": 2000, "cache_read_input_tokens": 3000}})
+
+            def send_raw(self, reply):
+                """200, the body as given, no content-length: the client reads until the close."""
+                self.close_connection = True
+                self.send_response(200)
+                self.send_header("content-type", reply["type"].decode())
+                self.send_header("connection", "close")
+                self.end_headers()
+                self.wfile.write(reply["raw"])
 
             def send(self, status, payload):
                 data = json.dumps(payload).encode()

@@ -1,5 +1,6 @@
-"""driver.py (issue 4): the loop against a fake Anthropic server, a real git repository in
-tmp_path and stand-in training scripts. Run: python -m pytest tests/test_driver.py"""
+"""The driver (issue 4, package autoresearch/ since issue 8): the loop against a fake Anthropic
+server, a real git repository in tmp_path and stand-in training scripts.
+Run: python -m pytest tests/test_driver.py"""
 
 import json
 import shutil
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from driver_helpers import (BASE_LINE, MAIN, MODE_LINE, STANDINS, branch_log, driver, fake, git,  # noqa: F401
+from driver_helpers import (BASE_LINE, MAIN, MODE_LINE, STANDIN_ENV, STANDINS, branch_log, fake, git,  # noqa: F401
                             pid_gone, repo, rows, run)
+from autoresearch import cli, llm, loop, records, training
+from autoresearch.report import report
 from fake_anthropic import drop, edit, error, slow
 
 
@@ -121,7 +124,7 @@ def test_invalid_edits_are_reasked_without_any_training(repo, fake, capsys):
 
 
 def test_transient_api_errors_are_retried(repo, fake, monkeypatch, capsys):
-    monkeypatch.setattr(driver, "LLM_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(llm, "LLM_TIMEOUT_S", 0.5)
     good = edit("good", (BASE_LINE, "TRUE_BPB = 0.990000"))
     fake.replies += [error(429, "rate_limit_error"), error(529, "overloaded_error", "Overloaded"),
                      error(500), error(503), drop(), slow(1.5, good), good]
@@ -186,7 +189,7 @@ def test_failed_or_refused_runs_become_crash_rows(repo, fake, mode, says):
 
 def test_a_bad_tag_stops_with_one_line(repo, fake):
     with pytest.raises(SystemExit, match="use letters, digits"):
-        driver.main(["--tag", "my run/1"])
+        cli.main(["--tag", "my run/1"])
     assert fake.requests == [] and git(repo, "branch", "--list", "autoresearch/*") == ""
 
 
@@ -211,12 +214,12 @@ def test_resume_continues_the_same_run(repo, fake, capsys):
 def test_parse_deadline():
     import datetime
     evening = datetime.datetime(2026, 11, 22, 21, 0)
-    assert driver.parse_deadline("07:30", evening) == datetime.datetime(2026, 11, 23, 7, 30).timestamp()
-    assert driver.parse_deadline("22:15", evening) == datetime.datetime(2026, 11, 22, 22, 15).timestamp()
-    assert driver.parse_deadline("8h", evening) == evening.timestamp() + 8 * 3600
-    assert driver.parse_deadline("90m", evening) == evening.timestamp() + 90 * 60
+    assert cli.parse_deadline("07:30", evening) == datetime.datetime(2026, 11, 23, 7, 30).timestamp()
+    assert cli.parse_deadline("22:15", evening) == datetime.datetime(2026, 11, 22, 22, 15).timestamp()
+    assert cli.parse_deadline("8h", evening) == evening.timestamp() + 8 * 3600
+    assert cli.parse_deadline("90m", evening) == evening.timestamp() + 90 * 60
     with pytest.raises(SystemExit, match="give a time like 07:30"):
-        driver.parse_deadline("tomorrow", evening)
+        cli.parse_deadline("tomorrow", evening)
 
 
 def test_stop_conditions_deadline_and_spend(repo, fake, capsys):
@@ -243,7 +246,7 @@ def test_descriptions_never_break_a_row(repo, fake):
     fake.replies += [edit("tabs\there\nand a newline", (BASE_LINE, "TRUE_BPB = 0.990000"))]
     assert run("--max-experiments", "1", "--greedy") == 0
     assert rows(repo)[1]["description"] == "tabs here and a newline"
-    assert driver.format_row("abcdef0", 1.0, 0.0, "keep", "=1+2 lr").endswith("\t'=1+2 lr\n")
+    assert records.format_row("abcdef0", 1.0, 0.0, "keep", "=1+2 lr").endswith("\t'=1+2 lr\n")
 
 
 SAMPLE_TSV = """commit	val_bpb	memory_gb	status	description
@@ -259,7 +262,7 @@ f6g7h8i	0.990000	44.1	discard	tweak betas
 def test_report_on_a_sample_results_tsv(tmp_path, capsys):
     (tmp_path / "results.tsv").write_text(SAMPLE_TSV)
     png = tmp_path / "progress.png"
-    assert driver.main(["report", "--tsv", str(tmp_path / "results.tsv"), "--png", str(png)]) == 0
+    assert cli.main(["report", "--tsv", str(tmp_path / "results.tsv"), "--png", str(png)]) == 0
     out = capsys.readouterr().out
     assert "experiments: 5 after the baseline (6 runs in all), kept 2, crash rate 20%" in out
     assert "baseline 0.997900 -> best 0.985000 (-0.012900, e5f6g7h: warmdown 0.6)" in out
@@ -271,7 +274,7 @@ def test_report_on_a_sample_results_tsv(tmp_path, capsys):
 def start_driver(repo, tmp_path, *args):
     """The driver as a real process (for kill -9 and Ctrl-C), output to tmp_path/driver.out."""
     out = open(tmp_path / "driver.out", "ab")
-    return subprocess.Popen([sys.executable, "driver.py", "--tag", "t", *args], cwd=repo,
+    return subprocess.Popen([sys.executable, "driver.py", "--tag", "t", "--allow-cpu", *STANDIN_ENV, *args], cwd=repo,
                             stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -374,28 +377,33 @@ class Killed(BaseException):
     """Stands for kill -9 at one exact instant (nothing after it runs but `finally` blocks)."""
 
 
-@pytest.mark.parametrize("where", ["call_llm", "commit_candidate", "run_training", "append_rows", "save_state"])
+KILL_POINTS = {  # where -> (module, function): die right after it returns
+    "llm.ask": (llm, "ask"), "commit_candidate": (loop, "commit_candidate"),
+    "run_training": (training, "run_training"), "sync_tsv": (records, "sync_tsv"),
+    "save_state (final decision)": (loop, "save_state")}
+
+
+@pytest.mark.parametrize("where", KILL_POINTS)
 def test_killed_at_any_step_then_restarted(repo, fake, monkeypatch, where):
-    """Die right after a step (after the LLM reply, the commit, the run, the row, the journal
+    """Die right after a step (after the LLM reply, the commit, the run, the rows, the journal
     write of the final decision) and restart: the same rows once each, the kept commit on the
     branch, nothing stray."""
     fake.replies += [edit("lower", (BASE_LINE, "TRUE_BPB = 0.990000")),
                      edit("lower again", ("TRUE_BPB = 0.990000", "TRUE_BPB = 0.980000"))]
     assert run("--max-experiments", "0", "--greedy") == 0
-    original = getattr(driver, where)
-    calls = []
+    module, name = KILL_POINTS[where]
+    original = getattr(module, name)
 
     def dies_after(*args, **kwargs):
         result = original(*args, **kwargs)
-        calls.append(where)
-        if where != "save_state" or (args[1].get("pending") or {}).get("final"):
+        if name != "save_state" or (args[1].pending and args[1].pending.final):
             raise Killed
         return result
-    monkeypatch.setattr(driver, where, dies_after)
+    monkeypatch.setattr(module, name, dies_after)
     with pytest.raises(Killed):
         run("--max-experiments", "2", "--greedy")
-    monkeypatch.setattr(driver, where, original)
-    if where == "call_llm":
+    monkeypatch.setattr(module, name, original)
+    if where == "llm.ask":
         fake.replies.insert(0, edit("lower", (BASE_LINE, "TRUE_BPB = 0.990000")))  # asked again
     assert run("--max-experiments", "2", "--greedy") == 0
     assert [x["description"] for x in rows(repo)] == ["baseline", "lower", "lower again"]
@@ -403,13 +411,21 @@ def test_killed_at_any_step_then_restarted(repo, fake, monkeypatch, where):
     assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
 
 
-def test_parse_summary_reads_the_last_block_by_regex():
-    log = ("step 00010 | loss: 3.2\n---\nval_bpb: 9.9\n"  # an earlier block is ignored
-           "more output\n---\nval_bpb:          0.997900\npeak_vram_mb:     45060.2\nseed:             42\n")
-    summary = driver.parse_summary(log)
-    assert summary == {"val_bpb": "0.997900", "peak_vram_mb": "45060.2", "seed": "42"}
-    assert driver.parse_summary("no summary at all\n") == {}
-    assert driver.number("nan") != driver.number("nan") and driver.number("n/a") != driver.number("n/a")
+def test_two_summary_blocks_are_refused_and_one_is_read_by_regex():
+    settings = {"max_seq_len": 2048, "time_budget": 5, "eval_tokens": 20971520}
+    block = "---\nval_bpb:          0.997900\npeak_vram_mb:     45060.2\nmax_seq_len: 2048\ntime_budget: 5\n" \
+            "eval_tokens: 20971520\nseed:             42\n"
+    log = "step 00010 | loss: 3.2\n" + block
+    assert training.summary_failure(log, 0, settings, 42) == ""
+    assert training.parse_summary(training.summary_blocks(log)[0])["peak_vram_mb"] == "45060.2"
+    assert training.summary_failure("no summary at all\n", 0, settings, 42) == "no val_bpb in the output (exit code 0)"
+    two = log + "more output\n" + block.replace("0.997900", "0.900000")  # a second, lower value
+    assert training.summary_failure(two, 0, settings, 42).startswith("refused: more than one summary block")
+    doubled = log.replace("peak_vram_mb", "val_bpb: 0.5\npeak_vram_mb")  # two values in one block
+    assert training.summary_failure(doubled, 0, settings, 42).startswith("refused: more than one summary block")
+    for bad in ("-0.5", "0.000000", "0", "100.0", "1e9"):
+        assert "is impossible" in training.summary_failure(log.replace("0.997900", bad), 0, settings, 42), bad
+    assert training.number("nan") != training.number("nan") and training.number("n/a") != training.number("n/a")
 
 
 def test_a_failing_baseline_stops_and_resumes_from_the_committed_fix(repo, fake):
@@ -425,14 +441,21 @@ def test_a_failing_baseline_stops_and_resumes_from_the_committed_fix(repo, fake)
     assert [(x["description"], x["status"]) for x in rows(repo)] == [("baseline [crash: no val_bpb in the output "
                                                                       "(exit code 1)]", "crash"), ("baseline", "keep")]
     assert branch_log(repo)[0] == "fixed" and MODE_LINE in (repo / "train.py").read_text()
-    assert "experiments: 0 after the baseline (2 runs in all)" in driver.report(repo / "results.tsv")[0]
+    assert "experiments: 0 after the baseline (2 runs in all)" in report(repo / "results.tsv")[0]
 
 
-def test_a_torn_last_row_is_cut_before_appending(tmp_path):
+def test_results_tsv_follows_the_journal_torn_rows_completed_foreign_lines_set_aside(tmp_path):
     tsv = tmp_path / "results.tsv"
-    assert driver.count_tsv_rows(tsv) == 0 and tsv.read_text() == driver.TSV_HEADER  # created with the header
-    driver.append_rows(tsv, [driver.format_row("abcdef0123", 0.99, 2048.0, "keep", "a")])
+    rows_ = [records.format_row("abcdef0123", 0.99, 2048.0, "keep", "a"),
+             records.format_row("bcdef01234", 0.98, 2048.0, "keep", "b")]
+    assert records.sync_tsv(tsv, []) == "" and tsv.read_text() == records.TSV_HEADER  # created with the header
+    tsv.write_text(records.TSV_HEADER + rows_[0] + "bcdef01\t0.98")  # killed mid-write
+    assert records.sync_tsv(tsv, rows_) == ""
+    assert tsv.read_text() == records.TSV_HEADER + "abcdef0\t0.990000\t2.0\tkeep\ta\n" + rows_[1]
     with open(tsv, "a") as f:
-        f.write("1234567\t0.98")  # killed mid-write
-    assert driver.count_tsv_rows(tsv) == 1
-    assert tsv.read_text() == driver.TSV_HEADER + "abcdef0\t0.990000\t2.0\tkeep\ta\n"
+        f.write("1234567\t0.500000\t1.0\tkeep\tnot the driver's\n")
+    note = records.sync_tsv(tsv, rows_)
+    assert "results.tsv held lines the driver did not write" in note
+    assert tsv.read_text() == records.TSV_HEADER + "".join(rows_)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("results-foreign-")]
+    assert len(aside) == 1 and "not the driver's" in aside[0].read_text()  # nothing is deleted

@@ -1,4 +1,4 @@
-"""driver.py (issue 5): decisions against a measured noise floor. The stand-in train.py's
+"""The driver (issue 5): decisions against a measured noise floor. The stand-in train.py's
 val_bpb is the true value of its code (TRUE_BPB) plus NOISE_STD times a draw seeded by
 AUTORESEARCH_SEED and DATA_ORDER, so every outcome below is deterministic.
 Run: python -m pytest tests/test_driver_noise.py"""
@@ -9,7 +9,9 @@ import re
 
 import pytest
 
-from driver_helpers import BASE_LINE, MODE_LINE, branch_log, driver, fake, git, repo, rows, run  # noqa: F401
+from driver_helpers import BASE_LINE, MODE_LINE, branch_log, fake, git, repo, rows, run  # noqa: F401
+from autoresearch import decisions, training
+from autoresearch.report import report
 from fake_anthropic import edit
 
 ORDER_LINE = "DATA_ORDER = 0"
@@ -56,7 +58,7 @@ def test_small_real_gain_is_confirmed_and_kept(noisy, fake):
     assert r[1]["description"] == "repeat 2/3 (seed 45): small gain"
     assert r[0]["commit"] == r[1]["commit"] == git(noisy, "rev-parse", "--short=7", "autoresearch/t")
     st = journal(noisy)
-    assert len(st["best"]["vals"]) == 2 and st["gpu_s"]["noise"] > 0
+    assert len(st["groups"][st["best"]["commit"]]) == 2 and st["gpu_s"]["noise"] > 0
 
 
 def test_noise_only_gain_is_rejected_after_confirmation(noisy, fake):
@@ -70,9 +72,9 @@ def test_noise_only_gain_is_rejected_after_confirmation(noisy, fake):
     assert [x["description"].split(":")[0] for x in r[1:]] == ["repeat 2/3 (seed 45)", "repeat 3/3 (seed 46)"]
     assert journal(noisy)["wins_rejected"] == 1
     assert branch_log(noisy)[0] == "noisy stand-in"
-    report = driver.report(noisy / "results.tsv", noisy / "runs/t/journal.json")
-    assert "wins rejected as not confirmed: 1" in report
-    assert any(line.startswith("GPU time:") and "noise handling" in line for line in report)
+    summary = report(noisy / "results.tsv", noisy / "runs/t/journal.json")
+    assert "wins rejected as not confirmed: 1" in summary
+    assert any(line.startswith("GPU time:") and "noise handling" in line for line in summary)
 
 
 def test_greedy_keeps_the_same_lucky_noise(noisy, fake):
@@ -126,7 +128,7 @@ def test_noise_estimate_is_persisted_across_a_restart(noisy, fake, capsys):
     capsys.readouterr()
     assert run("--max-experiments", "1") == 0
     out = capsys.readouterr().out
-    assert f"noise floor sigma = {sigma}" in out.splitlines()[1]
+    assert f"noise floor sigma = {sigma}" in next(line for line in out.splitlines() if line.startswith("run t on"))
     assert [x["description"] for x in rows(noisy)][3:] == ["clear gain"]  # no new noise runs
 
 
@@ -163,14 +165,14 @@ def night_of_ideas(n_ideas, seed=0):
     return [reply] * n_ideas, ideas
 
 
-def train_in_process(repo, log_path, seed, timeout_s, settings, pid_file):
+def train_in_process(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=()):
     """The stand-in train.py's formula without its subprocess (for speed): same val_bpb."""
     source = (repo / "train.py").read_text()
     true_bpb, noise_std, order = (float(re.search(rf"^{name} = ([\d.]+)", source, re.M)[1])
                                   for name in ("TRUE_BPB", "NOISE_STD", "DATA_ORDER"))
     val_bpb = float(f"{true_bpb + noise_std * random.Random(f'{seed}:{order:.0f}').gauss(0, 1):.6f}")
     log_path.write_text(f"---\nval_bpb: {val_bpb:.6f}\nseed: {seed}\n")
-    return driver.RunResult(val_bpb, 2048.0, 1.0, "")
+    return training.RunResult(val_bpb, 2048.0, 1.0, "")
 
 
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "noise-aware"])
@@ -178,7 +180,7 @@ def test_simulated_night_of_100_experiments(noisy, fake, greedy, capsys, monkeyp
     """The whole driver (fake LLM, git, journal, results.tsv) for 100 experiments, with the
     training run computed in-process. A false keep is a kept idea whose true val_bpb is not
     lower than the best's. The figures are printed (pytest -s shows them)."""
-    monkeypatch.setattr(driver, "run_training", train_in_process)
+    monkeypatch.setattr(training, "run_training", train_in_process)
     replies, ideas = night_of_ideas(100)
     fake.replies += replies
     assert run("--max-experiments", "100", *(["--greedy"] if greedy else [])) == 0
@@ -203,25 +205,25 @@ def test_simulated_night_of_100_experiments(noisy, fake, greedy, capsys, monkeyp
 def test_decide_rules():
     """The rule on numbers: sigma 0.001, best mean 1.0 over 3 runs, so one-run margin 0.00231."""
     best = [0.999, 1.0, 1.001]
-    assert driver.decide([0.997], best, 0.001, False) == ("keep", "")                      # clearly better
-    assert driver.decide([0.9996], best, 0.001, False) == ("discard", "")                  # within 0.5 sigma
-    assert driver.decide([0.999], best, 0.001, False)[0] == "repeat"                       # marginal
-    assert driver.decide([0.999], [0.998], 0.001, False)[0] == "discard"                   # not better
-    assert driver.decide([0.999, 0.998], [0.9995], 0.001, False)[0] == "repeat_best"      # best has fewer runs
-    action, note = driver.decide([0.999, 0.9985], best, 0.001, False)
+    assert decisions.decide([0.997], best, 0.001, False) == ("keep", "")                      # clearly better
+    assert decisions.decide([0.9996], best, 0.001, False) == ("discard", "")                  # within 0.5 sigma
+    assert decisions.decide([0.999], best, 0.001, False)[0] == "repeat"                       # marginal
+    assert decisions.decide([0.999], [0.998], 0.001, False)[0] == "discard"                   # not better
+    assert decisions.decide([0.999, 0.998], [0.9995], 0.001, False)[0] == "repeat_best"      # best has fewer runs
+    action, note = decisions.decide([0.999, 0.9985], best, 0.001, False)
     assert action == "repeat" and note.startswith("not confirmed")
-    action, note = driver.decide([0.999, 0.998, 0.9975], best, 0.001, False)
+    action, note = decisions.decide([0.999, 0.998, 0.9975], best, 0.001, False)
     assert action == "keep" and note.startswith("confirmed: mean 0.998167 over 3 seeds")  # 0.001833 > 0.001633
-    assert driver.decide([0.999, 0.999, 0.999], best, 0.001, False)[0] == "discard"        # out of repeats
-    assert driver.decide([0.999], best, 0.001, False, "noise budget spent") == (
+    assert decisions.decide([0.999, 0.999, 0.999], best, 0.001, False)[0] == "discard"        # out of repeats
+    assert decisions.decide([0.999], best, 0.001, False, "noise budget spent") == (
         "discard", "not confirmed: mean 0.999000 over 1 seeds vs best 1.000000, margin 0.002309 (noise budget spent)")
-    assert driver.decide([0.9999], best, 0.001, True) == ("keep", "")                      # greedy
-    assert driver.decide([0.9999], best, None, False) == ("keep", "")                      # no noise floor yet
-    assert driver.pooled_std([[1.0, 1.002], [2.0], [3.0, 3.0, 3.003]]) == pytest.approx(
+    assert decisions.decide([0.9999], best, 0.001, True) == ("keep", "")                      # greedy
+    assert decisions.decide([0.9999], best, None, False) == ("keep", "")                      # no noise floor yet
+    assert decisions.pooled_std([[1.0, 1.002], [2.0], [3.0, 3.0, 3.003]]) == pytest.approx(
         ((0.002 ** 2 / 2 + 0.003 ** 2 * 2 / 3) / 3) ** 0.5)
 
 
 def test_noise_budget():
-    assert driver.budget_allows({"total": 10, "noise": 6})        # 7 <= 0.2 * 11 + 5
-    assert not driver.budget_allows({"total": 10, "noise": 7})
-    assert driver.budget_allows({"total": 100, "noise": 24}) and not driver.budget_allows({"total": 100, "noise": 25})
+    assert decisions.budget_allows({"total": 10, "noise": 6})        # 7 <= 0.2 * 11 + 5
+    assert not decisions.budget_allows({"total": 10, "noise": 7})
+    assert decisions.budget_allows({"total": 100, "noise": 24}) and not decisions.budget_allows({"total": 100, "noise": 25})

@@ -1,0 +1,275 @@
+"""The command line: flags, the checks that must pass before any GPU time, starting or
+resuming a run, and `report`.
+
+Usage: python driver.py [--tag nov22] [--max-experiments N] [--deadline 07:30] [--max-cost 20]
+       python driver.py report [--tsv results.tsv]
+"""
+
+import argparse
+import datetime
+import importlib.util
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+from autoresearch import decisions, llm, loop, records, training
+from autoresearch.records import Best, JournalDamaged, Night, git
+from autoresearch.report import report
+
+DEFAULT_MODEL = "claude-sonnet-5-5"  # overridden by --model or AUTORESEARCH_MODEL
+MAX_EXPERIMENTS = None             # experiments after the baseline; None = no limit
+MAX_COST_USD = 0.0                 # stop before an experiment once spend reaches this; 0 = none
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        args = report_parser().parse_args(argv[1:])
+        journal = args.journal
+        if journal is None and Path("runs/active_tag").exists() and args.tsv == "results.tsv":
+            journal = f"runs/{Path('runs/active_tag').read_text().strip()}/journal.json"
+        report(args.tsv, journal, args.png)
+        return 0
+    return drive(parser().parse_args(argv))
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="driver.py", description="The overnight loop: an LLM edits train.py, "
+                                "we train for a fixed budget, keep or revert.",
+                                epilog="Summary and progress.png: python driver.py report")
+    p.add_argument("--tag", default=time.strftime("%b%d").lower(),
+                   help="run name: branch autoresearch/<tag>; an existing tag resumes (default: today, %(default)s)")
+    p.add_argument("--model", default=os.environ.get("AUTORESEARCH_MODEL", DEFAULT_MODEL),
+                   help="Claude model id (default: $AUTORESEARCH_MODEL or %(default)s)")
+    p.add_argument("--max-experiments", type=int, default=MAX_EXPERIMENTS, metavar="N",
+                   help="stop after N experiments after the baseline (default: no limit)")
+    p.add_argument("--deadline", default=None, metavar="WHEN",
+                   help="no new experiment unless it can finish by then: 07:30, 8h or 90m (default: none)")
+    p.add_argument("--max-cost", type=float, default=MAX_COST_USD, metavar="USD",
+                   help="stop once the LLM spend reaches this (default: no cap)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="kill a training run after this long (default: 2 x TIME_BUDGET + "
+                        f"{training.TIMEOUT_ALLOWANCE_S:.0f} s, room for start-up, compilation and evaluation)")
+    p.add_argument("--fix-attempts", type=int, default=loop.FIX_ATTEMPTS, metavar="N",
+                   help="times a crashed run goes back to the LLM for a fix (default: %(default)s)")
+    p.add_argument("--noise-runs", type=int, default=loop.NOISE_RUNS, metavar="N",
+                   help="baseline runs on different seeds to measure the noise floor (default: %(default)s)")
+    p.add_argument("--greedy", action="store_true",
+                   help="keep any run lower than the best: no noise floor, no confirmation runs")
+    p.add_argument("--pass-env", action="append", default=[], metavar="NAME",
+                   help="also pass this environment variable to train.py (repeatable; by default it gets "
+                        "only PATH, HOME, locale, CUDA/NVIDIA/TORCH/TRITON/OMP and AUTORESEARCH_* variables)")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="run without a CUDA GPU (tests, small AUTORESEARCH_* settings); the defaults "
+                        "would time out every run on a CPU")
+    return p
+
+
+def report_parser():
+    p = argparse.ArgumentParser(prog="driver.py report", description="Summarise a run and draw progress.png.")
+    p.add_argument("--tsv", default="results.tsv", help="results file (default results.tsv)")
+    p.add_argument("--journal", default=None, help="the run's journal (default runs/<active tag>/journal.json)")
+    p.add_argument("--png", default="progress.png", help="plot to write (default progress.png)")
+    return p
+
+
+def drive(args):
+    """Check, start or resume, then the loop; SIGTERM and SIGHUP end it like Ctrl-C."""
+    repo = Path(git(Path.cwd(), "rev-parse", "--show-toplevel"))
+    prepare, settings, hashes = check_repo(args, repo)
+    check_cuda(args.allow_cpu)
+    client = llm.make_client()
+    llm.check_access(client, args.model)
+    night, run_dir = open_night(args, repo, settings, hashes)
+    ctx = loop.Context(repo=repo, run_dir=run_dir, tag=args.tag, model=args.model, client=client, prepare=prepare,
+                       greedy=args.greedy, noise_runs=1 if args.greedy else max(1, args.noise_runs),
+                       fix_attempts=args.fix_attempts, pass_env=tuple(args.pass_env),
+                       timeout_s=args.timeout or training.default_timeout_s(settings["time_budget"]),
+                       max_experiments=args.max_experiments, deadline=parse_deadline(args.deadline),
+                       max_cost=args.max_cost)
+    training.kill_stale_training(run_dir / "training.pid")
+    if not ctx.price_known:
+        print(f"note: no price known for model {args.model}; cost is not counted and --max-cost "
+              "cannot be enforced", flush=True)
+    rule = "greedy (keep if lower)" if ctx.greedy else \
+        f"noise-aware, {ctx.noise_runs} baseline runs, margin {decisions.CONFIRM_K} sigma"
+    print(f"run {args.tag} on branch {night.branch}: model {args.model}, {rule}, timeout "
+          f"{ctx.timeout_s:.0f} s; noise floor sigma = "
+          f"{night.sigma if night.sigma is not None else 'not measured yet'}", flush=True)
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        loop.run_night(ctx, night)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; `python driver.py --tag {args.tag}` resumes this run", flush=True)
+        loop.restore_best(ctx, night)
+        return 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if night.pending:
+            loop.restore_best(ctx, night)
+    print(f"total: {night.next_n} experiments, {len(night.rows)} runs, best {loop.short_best(night)}, "
+          f"spend ${night.spend['usd']:.2f}, GPU {night.gpu_s['total'] / 3600:.2f} h "
+          f"({night.gpu_s['noise'] / max(night.gpu_s['total'], 1e-9):.0%} on noise handling)")
+    return 0
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+# ---------------------------------------------------------------------------
+# Checks before any GPU time
+# ---------------------------------------------------------------------------
+
+def check_repo(args, repo):
+    """The tag, the scripts and the prepared data; returns (prepare module, settings, metric hashes)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.tag):
+        raise SystemExit(f"autoresearch: --tag {args.tag!r}: use letters, digits, '.', '_' or '-' (e.g. nov22)")
+    for name in ("train.py", "prepare.py"):
+        if not (repo / name).exists():
+            raise SystemExit(f"autoresearch: no {name} in {repo}; run the driver inside the autoresearch repository")
+    prepare = load_prepare(repo)
+    try:
+        hashes = loop.metric_hashes(repo, prepare)
+    except SystemExit as e:  # data or tokenizer not prepared: say which command to run
+        raise SystemExit(f"autoresearch: {str(e.code).removeprefix('error: ')}")
+    return prepare, {key: getattr(prepare, key.upper()) for key in training.SETTINGS_KEYS}, hashes
+
+
+def check_cuda(allow_cpu):
+    import torch
+    if torch.cuda.is_available():
+        return
+    if not allow_cpu:
+        raise SystemExit("autoresearch: no CUDA GPU found (torch.cuda.is_available() is False): at the default "
+                         "settings every run would time out on a CPU. Pass --allow-cpu to run anyway (with small "
+                         "AUTORESEARCH_* settings and CAPS constants).")
+    print("note: no CUDA GPU: training runs on the CPU (--allow-cpu)", flush=True)
+
+
+def load_prepare(repo):
+    """Import the repo's prepare.py (constants and metric_files) without running anything."""
+    spec = importlib.util.spec_from_file_location("prepare", Path(repo) / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    previous = sys.modules.get("prepare")
+    sys.modules["prepare"] = module  # dataclasses look their module up while it is executed
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            sys.modules.pop("prepare", None)
+        else:
+            sys.modules["prepare"] = previous
+    return module
+
+
+def parse_deadline(text, now=None):
+    """'07:30' (next such local time), '8h', '90m' or a number of hours -> epoch seconds."""
+    now = now or datetime.datetime.now()
+    if not text:
+        return None
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", text.strip())
+    if m:
+        t = now.replace(hour=int(m[1]), minute=int(m[2]), second=0, microsecond=0)
+        return (t if t > now else t + datetime.timedelta(days=1)).timestamp()
+    m = re.fullmatch(r"([\d.]+)\s*([hm]?)", text.strip())
+    if not m:
+        raise SystemExit(f"autoresearch: --deadline {text!r}: give a time like 07:30 or a duration like 8h or 90m")
+    return now.timestamp() + float(m[1]) * (60 if m[2] == "m" else 3600)
+
+
+# ---------------------------------------------------------------------------
+# Starting or resuming a run
+# ---------------------------------------------------------------------------
+
+def open_night(args, repo, settings, hashes):
+    """The journal (new, resumed or rebuilt), the branch checked out, results.tsv in step with it.
+    A new run's journal is written before its branch exists, so a kill between the two resumes."""
+    run_dir = repo / "runs" / args.tag
+    journal, tsv = run_dir / "journal.json", repo / "results.tsv"
+    branch = f"autoresearch/{args.tag}"
+    park_results(repo, args.tag)
+    if journal.exists():
+        try:
+            night = records.load_night(journal, tsv)
+        except JournalDamaged as error:
+            night = recover_night(repo, args.tag, branch, settings, hashes, run_dir, error)
+        if night.settings != settings:
+            raise SystemExit(f"autoresearch: run {args.tag} started with {night.settings} but the settings now "
+                             f"are {settings}; restore the AUTORESEARCH_* overrides or use a new --tag")
+        if night.metric_hashes != hashes:
+            raise SystemExit(f"autoresearch: prepare.py or the prepared data changed since run {args.tag} started; "
+                             "its results would not be comparable. Use a new --tag.")
+        if not git(repo, "rev-parse", "--verify", "-q", branch, check=False):  # killed before it was made
+            git(repo, "branch", branch, night.best.commit)
+        if git(repo, "symbolic-ref", "-q", "HEAD", check=False) != f"refs/heads/{branch}":
+            git(repo, "checkout", "-q", branch)
+        if not night.best_vals and not night.pending:  # the baseline failed: start from the fix
+            night.best.commit = git(repo, "rev-parse", "HEAD")
+            records.save_night(journal, night)
+        print(f"resuming run {args.tag}: {len(night.rows)} rows, best {loop.short_best(night)}")
+    else:
+        if git(repo, "rev-parse", "--verify", "-q", branch, check=False):
+            raise SystemExit(f"autoresearch: branch {branch} exists but has no journal in {run_dir}; "
+                             "choose another --tag")
+        if git(repo, "status", "--porcelain", "--", "train.py"):
+            raise SystemExit("autoresearch: train.py has uncommitted changes; commit or revert them "
+                             "first (the baseline is the committed train.py)")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        night = Night(tag=args.tag, branch=branch, started=time.strftime("%Y-%m-%d %H:%M:%S"), settings=settings,
+                      metric_hashes=hashes, best=Best(git(repo, "rev-parse", "HEAD"), "baseline"), groups={},
+                      sigma=None, rows=[], next_n=0, next_seed=loop.BASE_SEED,
+                      tried=[records.sha256_bytes((repo / "train.py").read_bytes())],
+                      gpu_s={"total": 0.0, "noise": 0.0}, run_counts={"total": 0, "noise": 0},
+                      wins_rejected=0, spend={"usd": 0.0}, pending=None)
+        if tsv.exists():  # left by a run whose journal is gone: keep it aside
+            os.replace(tsv, run_dir / f"results-orphaned-{int(time.time())}.tsv")
+        records.save_night(journal, night)
+        git(repo, "checkout", "-q", "-b", branch)
+    pending = night.pending
+    note = records.sync_tsv(tsv, night.rows + (pending.final.rows if pending and pending.final else []))
+    if note:
+        print(f"note: {note}", flush=True)
+    return night, run_dir
+
+
+def recover_night(repo, tag, branch, settings, hashes, run_dir, error):
+    """A journal cut short or emptied: rebuild the state from results.tsv and the branch, or
+    say exactly how to go on."""
+    journal, tsv = run_dir / "journal.json", repo / "results.tsv"
+    lines = tsv.read_text().splitlines(True)[1:] if tsv.exists() else []
+    lines = [line for line in lines if line.endswith("\n") and len(line.split("\t")) == 5]
+    if not lines or not git(repo, "rev-parse", "--verify", "-q", branch, check=False):
+        raise SystemExit(f"autoresearch: {journal} is damaged ({error}) and there is nothing to rebuild it from "
+                         f"(no rows in results.tsv or no branch {branch}); move it aside and start a new run: "
+                         f"`python driver.py --tag {tag}-2`")
+    night = records.rebuild_night(repo, tag, branch, settings, hashes, lines, run_dir, loop.BASE_SEED)
+    aside = records.set_aside(journal, "damaged")
+    records.save_night(journal, night)
+    print(f"autoresearch: {journal} was damaged ({error}); kept it as {aside.name} and rebuilt the run from "
+          f"results.tsv and {branch}: {len(lines)} rows, best {loop.short_best(night)} (the LLM spend and GPU "
+          "time before now are not known)", flush=True)
+    return night
+
+
+def park_results(repo, tag):
+    """results.tsv belongs to the active run: park another run's copy under runs/<its tag>/
+    and bring this run's back if it was parked."""
+    runs = repo / "runs"
+    runs.mkdir(exist_ok=True)
+    active_file, tsv = runs / "active_tag", repo / "results.tsv"
+    active = active_file.read_text().strip() if active_file.exists() else ""
+    if active != tag:
+        if tsv.exists():
+            dest = runs / (active or "before-autoresearch")
+            dest.mkdir(exist_ok=True)
+            os.replace(tsv, dest / ("results.tsv" if not (dest / "results.tsv").exists()
+                                    else f"results-{int(time.time())}.tsv"))
+        parked = runs / tag / "results.tsv"
+        if parked.exists():
+            os.replace(parked, tsv)
+    records.write_atomic(active_file, tag + "\n")

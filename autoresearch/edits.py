@@ -1,0 +1,72 @@
+"""The edit protocol: the tool the model answers with, and the validation of its edits.
+
+An edit is a list of exact search/replace pairs applied in order to train.py. An edit that
+does not apply, does not compile, changes nothing, repeats a file already tried or only
+changes the seed goes back to the model with a precise message, before any GPU time.
+"""
+
+import difflib
+
+from autoresearch.records import sha256_bytes
+
+TOOL_NAME = "edit_train_py"
+EDIT_TOOL = {
+    "name": TOOL_NAME,
+    "description": "Apply one experiment to train.py as exact search/replace edits.",
+    "input_schema": {
+        "type": "object",
+        "properties": {
+            "description": {"type": "string",
+                            "description": "One short line: what this experiment changes."},
+            "edits": {"type": "array", "description": "Applied in order to train.py.",
+                      "items": {"type": "object",
+                                "properties": {"search": {"type": "string"},
+                                               "replace": {"type": "string"}},
+                                "required": ["search", "replace"]}},
+        },
+        "required": ["description", "edits"],
+    },
+}
+
+
+def apply_edits(source, edits, tried_hashes):
+    """(new source, "") or (None, a precise message for the model)."""
+    if not isinstance(edits, list) or not edits:
+        return None, "`edits` must be a non-empty list of {search, replace} objects."
+    new = source
+    for i, edit in enumerate(edits, 1):
+        if not isinstance(edit, dict) or not isinstance(edit.get("search"), str) \
+                or not isinstance(edit.get("replace"), str):
+            return None, f"edit {i}: needs string fields `search` and `replace`."
+        search = edit["search"]
+        count = new.count(search) if search else 0
+        if count != 1:
+            where = "is empty" if not search else "was not found" if count == 0 else \
+                f"matches {count} places (add surrounding lines so it matches exactly one)"
+            hint = ""
+            if count == 0 and search.strip():
+                close = difflib.get_close_matches(search.strip().split("\n")[0],
+                                                  [line.strip() for line in new.split("\n")], n=1)
+                hint = f" The closest line in train.py is: {close[0]!r}." if close else ""
+            return None, (f"edit {i}: the search text {where} in train.py as it is after the "
+                          f"previous edits; it must match exactly once, whitespace included.{hint}")
+        new = new.replace(search, edit["replace"], 1)
+    if new == source:
+        return None, "the edits leave train.py unchanged; propose an actual change."
+    try:
+        compile(new, "train.py", "exec")
+    except SyntaxError as e:
+        return None, (f"the edited train.py does not compile: line {e.lineno}: {e.msg}: "
+                      f"{(e.text or '').strip()!r}")
+    if sha256_bytes(new.encode()) in tried_hashes:
+        return None, ("this train.py is identical to one already tried in this run; "
+                      "propose something else.")
+    changed = [line for line in difflib.ndiff(source.splitlines(), new.splitlines())
+               if line[:2] in ("- ", "+ ") and line[2:].strip()]
+    if changed and all("seed" in line.lower() for line in changed):
+        return None, "the edit only changes the seed; a different seed is noise, not an experiment."
+    return new, ""
+
+
+def unified_diff(old, new):
+    return "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), "a/train.py", "b/train.py"))

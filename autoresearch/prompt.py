@@ -1,0 +1,92 @@
+"""What the model is shown: the system prompt, the fixed parts of prepare.py, program.md,
+the current train.py and the run's history, with prompt-caching breakpoints on the parts
+that stay the same from one request to the next.
+"""
+
+import ast
+from pathlib import Path
+
+from autoresearch.decisions import margin
+from autoresearch.edits import EDIT_TOOL, TOOL_NAME
+from autoresearch.llm import LLM_MAX_TOKENS
+from autoresearch.records import TSV_HEADER
+
+PREPARE_API = ("MAX_SEQ_LEN", "TIME_BUDGET", "EVAL_TOKENS", "VOCAB_SIZE", "SEED", "Tokenizer",
+               "get_token_bytes", "make_dataloader", "evaluate_bpb")  # shown to the model
+
+SYSTEM_PROMPT = f"""You are an autonomous ML researcher. Each turn you propose ONE experiment:
+a change to train.py that you expect to lower val_bpb (validation bits per byte) within the
+fixed training time budget. Reply only by calling the {TOOL_NAME} tool with a short honest
+description (one line, what you changed) and exact search/replace edits: each `search` must
+occur exactly once in the current train.py (copy it character for character, whitespace
+included); edits apply in order. Only train.py can change. The metric, the data and
+prepare.py are fixed. The driver sets the seed through AUTORESEARCH_SEED; changing the seed
+is not an experiment and never counts as a win. If a run fails you get its log tail: fix the
+cause with another edit to the file as you left it."""
+
+
+def fixed_prepare_parts(source):
+    """What the model needs of prepare.py: the constants in force, the API train.py uses
+    (signatures and docstrings) and the metric in full."""
+    tree = ast.parse(source)
+
+    def signature(node, indent=""):
+        head = ast.get_source_segment(source, node).split(":\n", 1)[0] + ":"
+        doc = ast.get_docstring(node)
+        doc = f'\n{indent}    """' + doc.replace("\n", f"\n{indent}    ") + '"""' if doc else ""
+        return indent + head.strip() + doc
+
+    parts = []
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id in PREPARE_API for t in targets):
+                parts.append(ast.get_source_segment(source, node))
+        elif isinstance(node, ast.FunctionDef) and node.name == "evaluate_bpb":
+            parts.append(ast.get_source_segment(source, node))
+        elif isinstance(node, ast.FunctionDef) and node.name in PREPARE_API:
+            parts.append(signature(node) + "\n    ...")
+        elif isinstance(node, ast.ClassDef) and node.name in PREPARE_API:
+            methods = [signature(m, "    ") + "\n        ..." for m in node.body
+                       if isinstance(m, ast.FunctionDef) and not m.name.startswith("_")]
+            parts.append("\n\n".join([signature(node)] + methods))
+    return "\n\n".join(parts)
+
+
+def history_text(night, greedy):
+    """All rows of this run, the best marked, plus what counts as a win."""
+    out = [TSV_HEADER.strip()]
+    for line in night.rows:
+        line = line.rstrip("\n")
+        is_best = line.startswith(night.best.commit[:7]) and "\tkeep\t" in line
+        out.append(line + ("   <- best so far" if is_best else ""))
+    if not greedy and night.sigma:
+        need = margin(night.sigma, 1, max(len(night.best_vals), 1))
+        out.append(f"\nNoise floor: val_bpb varies by about {night.sigma:.6f} (std) between seeds of "
+                   f"the same code; a win must beat the best by about {need:.6f}"
+                   " or it is re-run on other seeds to confirm.")
+    return "\n".join(out)
+
+
+def build_request(model, repo, settings, program_md, train_py, history, messages_tail):
+    """The Messages API request: the static parts first, with prompt-caching breakpoints."""
+    prepare_text = fixed_prepare_parts((Path(repo) / "prepare.py").read_text())
+    in_force = ", ".join(f"{k.upper()} = {v}" for k, v in settings.items())
+    system = [
+        {"type": "text", "text": SYSTEM_PROMPT},
+        {"type": "text", "text": "The fixed parts of prepare.py (read-only):\n\n```python\n"
+         + prepare_text + f"\n```\n\nValues in force for this run: {in_force}.",
+         "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "program.md (the research instructions):\n\n" + program_md,
+         "cache_control": {"type": "ephemeral"}},
+    ]
+    first = {"role": "user", "content": [
+        {"type": "text", "text": "The current train.py:\n\n```python\n" + train_py + "\n```",
+         "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "Results of this run so far (results.tsv):\n\n" + history},
+        {"type": "text", "text": f"Propose the next experiment with the {TOOL_NAME} tool."},
+    ]}
+    # No forced tool_choice: current models think by default and answer a forced tool with a 400;
+    # the prompt asks for the tool, and a reply without it is asked again.
+    return {"model": model, "max_tokens": LLM_MAX_TOKENS, "system": system, "tools": [EDIT_TOOL],
+            "messages": [first] + messages_tail}

@@ -1,0 +1,313 @@
+"""Records: the run's state as typed records and its journal, results.tsv, git.
+
+The driver is the only writer of all three. The journal (runs/<tag>/journal.json) is
+rewritten atomically after every step, so a killed driver resumes from it; results.tsv is
+always the header plus the rows the journal says were written, so a row can be neither lost
+nor doubled, and a line the driver did not write is noticed and set aside.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autoresearch.decisions import pooled_std
+
+TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+EXTRA_RUN_RE = re.compile(r"^(repeat|noise run)\b")  # descriptions of rows that are not new ideas
+GIT_LOCK_TRIES = 10   # a git command that finds a live lock waits a second and tries again, this often
+STALE_LOCK_S = 60.0   # without /proc: a lock file older than this is taken as left by a killed git
+
+
+# ---------------------------------------------------------------------------
+# The run's state (serialised to the journal)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """One run of train.py; val_bpb is None when it failed, and failure says why."""
+    role: str                 # candidate | noise (the baseline's extra seeds) | best (a repeat of the best)
+    seed: int
+    commit: str
+    attempt: int              # a fix after a crash is a new attempt of the same experiment
+    val_bpb: float | None
+    peak_vram_mb: float
+    seconds: float
+    failure: str
+    log: str
+
+
+@dataclass
+class Final:
+    """An experiment's decision and the exact rows it adds to results.tsv."""
+    status: str
+    rows: list[str]
+    note: str
+
+
+@dataclass
+class Experiment:
+    """One idea (or the baseline) from its proposal to its rows."""
+    n: int
+    kind: str                 # baseline | candidate
+    description: str
+    dir: str
+    source: str               # the train.py to commit for the current attempt
+    commit: str | None
+    commit_date: int          # fixed, so a re-commit after a restart gives the same commit
+    attempt: int = 0
+    runs: list[Run] = field(default_factory=list)
+    fix_description: str = ""
+    final: Final | None = None
+
+
+@dataclass
+class Best:
+    commit: str
+    description: str
+
+
+@dataclass
+class Night:
+    """Everything a resumed driver needs; one instance, saved after every step."""
+    tag: str
+    branch: str
+    started: str
+    settings: dict
+    metric_hashes: dict
+    best: Best
+    groups: dict              # commit -> val_bpb of every run of that code (the best's included)
+    sigma: float | None
+    rows: list[str]           # every results.tsv line written so far, in order
+    next_n: int
+    next_seed: int
+    tried: list[str]          # sha256 of every train.py tried
+    gpu_s: dict               # total / noise: seconds of training
+    run_counts: dict          # total / noise: runs
+    wins_rejected: int
+    spend: dict               # usd and token counts of every LLM reply
+    pending: Experiment | None
+
+    @property
+    def best_vals(self):
+        """val_bpb of every run of the best code: one list, stored once, in `groups`."""
+        return self.groups.setdefault(self.best.commit, [])
+
+
+class JournalDamaged(Exception):
+    """The journal exists but cannot be read."""
+
+
+def load_night(journal, tsv):
+    """The Night in `journal`; journals of the single-file driver (rows counted, best.vals apart
+    from groups) are read too."""
+    try:
+        d = json.loads(Path(journal).read_text())
+        if not isinstance(d, dict):
+            raise ValueError("not an object")
+        best = d["best"]
+        if isinstance(d["rows"], int):  # the old driver counted rows: take them from results.tsv
+            lines = Path(tsv).read_text().splitlines(True)[1:] if Path(tsv).exists() else []
+            d["rows"] = lines[:d["rows"]]
+        if "vals" in best:  # the old driver kept the best's values beside its group
+            d["groups"][best["commit"]] = best.pop("vals")
+        pending = d["pending"]
+        if pending is not None:
+            pending = Experiment(**{**pending, "runs": [Run(**r) for r in pending["runs"]],
+                                    "final": Final(**pending["final"]) if pending.get("final") else None,
+                                    "fix_description": pending.get("fix_description") or ""})
+        names = {f.name for f in dataclasses.fields(Night)}
+        return Night(**{**{k: v for k, v in d.items() if k in names}, "best": Best(**best), "pending": pending})
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise JournalDamaged(f"{type(error).__name__}: {error}") from error
+
+
+def save_night(journal, night):
+    save_json(journal, dataclasses.asdict(night))
+
+
+def rebuild_night(repo, tag, branch, settings, hashes, lines, run_dir, base_seed):
+    """A Night from what outlives a damaged journal: the rows of results.tsv and the git branch.
+    The best is the last kept idea (or the baseline), the noise floor comes from every code run
+    more than once; an experiment that was in flight is given up (the loop restores the best)."""
+    rows = [dict(zip(("commit", "val_bpb", "memory_gb", "status", "description"), line.rstrip("\n").split("\t")))
+            for line in lines]
+    commits = {r["commit"]: git(repo, "rev-parse", "--verify", "-q", r["commit"] + "^{commit}", check=False)
+               for r in rows}
+    groups = {}
+    for r in rows:
+        if r["status"] != "crash" and commits[r["commit"]]:
+            groups.setdefault(commits[r["commit"]], []).append(float(r["val_bpb"]))
+    kept = [r for r in rows if r["status"] == "keep" and not is_extra_run(r) and commits[r["commit"]]]
+    best = Best(commits[kept[-1]["commit"]], kept[-1]["description"].split(" [")[0]) if kept else \
+        Best(git(repo, "rev-parse", branch), "baseline")
+    seeds = [int(s) for r in rows for s in re.findall(r"\(seed (\d+)\)", r["description"])]
+    numbers = [int(d.name) for d in Path(run_dir).iterdir() if d.name.isdigit()]
+    extra = sum(is_extra_run(r) for r in rows)
+    return Night(tag=tag, branch=branch, started=time.strftime("%Y-%m-%d %H:%M:%S"), settings=settings,
+                 metric_hashes=hashes, best=best, groups=groups, sigma=pooled_std(list(groups.values())),
+                 rows=list(lines), next_n=max(numbers, default=-1) + 1, next_seed=max(seeds + [base_seed]) + 1,
+                 tried=sorted({sha256_bytes(train_py_at(repo, c).encode()) for c in set(commits.values()) if c}),
+                 gpu_s={"total": 0.0, "noise": 0.0}, run_counts={"total": len(rows), "noise": extra},
+                 wins_rejected=sum("not confirmed" in r["description"] for r in rows if not is_extra_run(r)),
+                 spend={"usd": 0.0}, pending=None)
+
+
+# ---------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------
+
+def write_atomic(path, text):
+    """Write via tmp + fsync + rename so a kill leaves either the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def sha256_bytes(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def set_aside(path, why):
+    """Move a file out of the way (never delete it) and return its new name."""
+    dest = path.with_name(f"{path.stem}-{why}-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+    os.replace(path, dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------
+# results.tsv
+# ---------------------------------------------------------------------------
+
+def clean_description(text):
+    """One line, no tabs: a description never breaks a TSV row."""
+    return " ".join(str(text).split())[:300] or "(no description)"
+
+
+def format_row(commit, val_bpb, peak_vram_mb, status, description):
+    """One results.tsv line; a failed run reads 0.000000 and 0.0."""
+    if val_bpb is None:
+        val_bpb, peak_vram_mb = 0.0, 0.0
+    description = clean_description(description)
+    if description[0] in "=+-@":  # a spreadsheet would read it as a formula
+        description = "'" + description
+    return f"{commit[:7]}\t{val_bpb:.6f}\t{peak_vram_mb / 1024:.1f}\t{status}\t{description}\n"
+
+
+def read_tsv(path):
+    """Rows of results.tsv as dicts (val_bpb and memory_gb as floats)."""
+    rows = []
+    for line in Path(path).read_text().splitlines()[1:]:
+        parts = line.split("\t")
+        if len(parts) == 5 and re.fullmatch(r"[\d.]+", parts[1]) and re.fullmatch(r"[\d.]+", parts[2]):
+            rows.append({"commit": parts[0], "val_bpb": float(parts[1]), "memory_gb": float(parts[2]),
+                         "status": parts[3], "description": parts[4]})
+    return rows
+
+
+def is_extra_run(row):
+    """A repeat or noise run of code already in the table, not a new idea."""
+    return bool(EXTRA_RUN_RE.match(row["description"]))
+
+
+def sync_tsv(path, lines):
+    """Make results.tsv the header plus `lines`. A file that is a prefix of that (a write cut by a
+    kill) is completed; one holding anything else is set aside first. Returns a note ("" if none)."""
+    path = Path(path)
+    expected = TSV_HEADER + "".join(lines)
+    data = path.read_text(errors="replace") if path.exists() else ""
+    if data == expected:
+        return ""
+    note = ""
+    if not expected.startswith(data[:data.rfind("\n") + 1]):
+        note = (f"results.tsv held lines the driver did not write; kept as {set_aside(path, 'foreign').name}, "
+                "rewritten from the journal")
+    write_atomic(path, expected)
+    return note
+
+
+# ---------------------------------------------------------------------------
+# git
+# ---------------------------------------------------------------------------
+
+def git(repo, *args, env=None, check=True):
+    """Run git in the repo and return stdout; a failure stops with git's message (unless
+    check=False: then a failure returns what git printed, usually nothing). A lock file left by a
+    killed git is removed; one a live git holds is waited for."""
+    for _ in range(GIT_LOCK_TRIES):
+        proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+                              env={**os.environ, **(env or {})})
+        lock = re.search(r"Unable to create '([^']+\.lock)': File exists", proc.stderr)
+        if proc.returncode == 0 or not lock:
+            break
+        if not remove_stale_lock(repo, Path(lock[1])):
+            time.sleep(1.0)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"autoresearch: git {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def remove_stale_lock(repo, lock):
+    """Remove a git lock file (e.g. .git/index.lock) that no live git holds: a driver killed
+    mid-command leaves one, and every later git command would fail on it. True if removed."""
+    if git_running_in(repo) or (not Path("/proc").is_dir() and lock.exists()
+                                and time.time() - lock.stat().st_mtime < STALE_LOCK_S):
+        return False
+    print(f"removing {lock}, left by a git process that was killed", flush=True)
+    lock.unlink(missing_ok=True)
+    return True
+
+
+def git_running_in(repo):
+    """Whether a git process works in this repository now (Linux: read from /proc)."""
+    top = Path(repo).resolve()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if Path(os.readlink(proc / "exe")).name.startswith("git") and Path(os.readlink(proc / "cwd")) == top:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def train_py_at(repo, commit):
+    """train.py as committed, byte for byte."""
+    return subprocess.run(["git", "show", f"{commit}:train.py"], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def on_branch(repo, branch):
+    """Put HEAD back on the driver's branch if something moved it (a `git checkout` in train.py),
+    without moving any branch or touching files other than through the index. Returns where HEAD was."""
+    head = git(repo, "symbolic-ref", "-q", "HEAD", check=False) or git(repo, "rev-parse", "HEAD")
+    if head != f"refs/heads/{branch}":
+        git(repo, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+        git(repo, "reset", "-q")  # the index from the branch; the work tree keeps every file
+        return head
+    return ""

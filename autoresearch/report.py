@@ -1,0 +1,133 @@
+"""The morning report: a summary of results.tsv (and the run's journal) and progress.png.
+It reads the records only; it never changes them.
+"""
+
+import statistics
+from pathlib import Path
+
+from autoresearch.decisions import pooled_std
+from autoresearch.records import JournalDamaged, is_extra_run, load_night, read_tsv
+
+
+def read_night(journal_path, tsv_path):
+    """The run's state, or None when there is no readable journal."""
+    if not journal_path or not Path(journal_path).exists():
+        return None
+    try:
+        return load_night(journal_path, tsv_path)
+    except JournalDamaged:
+        return None
+
+
+def idea_rows(rows):
+    """The rows of the experiments after the baseline, one per idea."""
+    return [r for r in rows if not is_extra_run(r) and not r["description"].startswith("baseline")]
+
+
+def report(tsv_path, journal_path=None, png_path=None):
+    """Summarise results.tsv (and the run's journal when there is one); draw progress.png."""
+    tsv_path = Path(tsv_path)
+    if not tsv_path.exists():
+        raise SystemExit(f"autoresearch: no {tsv_path}; run `python driver.py` first")
+    rows = read_tsv(tsv_path)
+    night = read_night(journal_path, tsv_path)
+    ideas = idea_rows(rows)
+    kept = [r for r in ideas if r["status"] == "keep"]
+    baseline = next((r for r in rows if r["description"] == "baseline" and r["status"] == "keep"), None)
+    crashes = [r for r in ideas if r["status"] == "crash"]
+    groups = {}
+    for r in rows:
+        if r["status"] != "crash":
+            groups.setdefault(r["commit"], []).append(r["val_bpb"])
+    sigma = pooled_std(list(groups.values()))
+    lines = [f"experiments: {len(ideas)} after the baseline ({len(rows)} runs in all), kept "
+             f"{len(kept)}, crash rate {len(crashes) / max(len(ideas), 1):.0%}"]
+    if baseline:
+        chain = [baseline] + kept
+        base = statistics.fmean(groups[chain[0]["commit"]])
+        best = statistics.fmean(groups[chain[-1]["commit"]])
+        lines.append(f"val_bpb (mean over seeds): baseline {base:.6f} -> best {best:.6f} "
+                     f"({best - base:+.6f}, {chain[-1]['commit']}: {chain[-1]['description']})")
+        steps = [(statistics.fmean(groups[a["commit"]]) - statistics.fmean(groups[b["commit"]]), b)
+                 for a, b in zip(chain, chain[1:])]
+        if steps:
+            lines.append("top improvements:")
+            for gain, r in sorted(steps, key=lambda s: -s[0])[:5]:
+                lines.append(f"  -{gain:.6f}  {r['commit']}  {r['description']}")
+    lines.append("noise floor: " + (f"sigma = {sigma:.6f} val_bpb between seeds of the same code"
+                                    if sigma else "not measured (no code run twice)"))
+    rejected = sum("not confirmed" in r["description"] for r in ideas)
+    lines.append(f"wins rejected as not confirmed: {rejected}")
+    if night:
+        gpu, spend = night.gpu_s, night.spend
+        lines.append(f"GPU time: {gpu['total'] / 3600:.2f} h, of which noise handling "
+                     f"{gpu['noise'] / 3600:.2f} h ({gpu['noise'] / max(gpu['total'], 1e-9):.0%})")
+        lines.append(f"spend: ${spend['usd']:.2f} ({spend.get('input', 0)} input, "
+                     f"{spend.get('output', 0)} output, {spend.get('cache_read', 0)} cache-read, "
+                     f"{spend.get('cache_write', 0)} cache-write tokens)")
+    else:
+        lines.append("spend and GPU time: no journal found (runs/<tag>/journal.json)")
+    print("\n".join(lines))
+    if png_path:
+        plot_progress(rows, groups, sigma, png_path)
+        print(f"wrote {png_path}")
+    return lines
+
+
+def plot_progress(rows, groups, sigma, png_path):
+    """val_bpb per run, kept ones marked and labelled, the running best with its noise band."""
+    try:
+        import matplotlib
+        import matplotlib.ticker
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[plot]'); no plot written")
+        return
+    fig, ax = plt.subplots(figsize=(13, 6.5))
+    ok = [(i, r) for i, r in enumerate(rows) if r["status"] != "crash"]
+    plain = [(i, r) for i, r in ok if r["status"] == "discard" and "not confirmed" not in r["description"]
+             and not is_extra_run(r)]
+    extra = [(i, r) for i, r in ok if is_extra_run(r)]
+    unconfirmed = [(i, r) for i, r in ok if "not confirmed" in r["description"]]
+    kept = [(i, r) for i, r in ok if r["status"] == "keep" and not is_extra_run(r)]
+    confirmed = [(i, r) for i, r in kept if "confirmed:" in r["description"]]
+    for pts, style in ((plain, dict(c="#b0b0b0", s=18, label="discarded")),
+                       (extra, dict(c="#7fa7d9", s=14, marker="x", label="repeat / noise run")),
+                       (unconfirmed, dict(c="#e08a2c", s=40, marker="v", label="better once, not confirmed")),
+                       (kept, dict(c="#2a9d3a", s=55, edgecolors="black", zorder=3, label="kept")),
+                       (confirmed, dict(c="#2a9d3a", s=140, marker="*", edgecolors="black", zorder=4,
+                                        label="kept after confirmation"))):
+        if pts:
+            ax.scatter([i for i, _ in pts], [r["val_bpb"] for _, r in pts], **style)
+    if kept:
+        xs, ys, best = [], [], None
+        keep_at = {i: statistics.fmean(groups[r["commit"]]) for i, r in kept}
+        for i in range(len(rows)):
+            best = keep_at.get(i, best)
+            if best is not None:
+                xs.append(i)
+                ys.append(best)
+        ax.step(xs, ys, where="post", c="#2a9d3a", lw=1.5, label="running best (mean over seeds)")
+        if sigma:
+            ax.fill_between(xs, [y - sigma for y in ys], [y + sigma for y in ys], step="post",
+                            color="#2a9d3a", alpha=0.15, label=f"noise band ±σ (σ = {sigma:.5f})")
+        for i, r in kept:
+            ax.annotate(r["description"].split(" [")[0][:40], (i, r["val_bpb"]), textcoords="offset points",
+                        xytext=(4, 6), rotation=25, fontsize=7.5, color="#1b5e20")
+        vals = [r["val_bpb"] for _, r in ok]
+        top = keep_at[kept[0][0]]
+        span = max(top - min(vals), 1e-4)
+        ax.set_ylim(min(vals) - 0.15 * span, top + 0.6 * span)  # worse runs beyond this are clipped
+    crashes = sum(r["status"] == "crash" for r in rows)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel(f"run # ({len(rows)} runs, {crashes} crashed and not shown)")
+    ax.set_ylabel("val_bpb (lower is better)")
+    ideas = idea_rows(rows)
+    ax.set_title(f"autoresearch progress: {sum(r['status'] == 'keep' for r in ideas)} kept of "
+                 f"{len(ideas)} experiments after the baseline")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

@@ -111,6 +111,14 @@ def describe_files(paths):
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
 
 
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_meta(path):
     """A step's JSON record, or None if it is missing or unreadable (then the step is redone)."""
     try:
@@ -451,11 +459,19 @@ def train_tokenizer(source):
             fail(f"tokenizer sanity check failed on {s[:40]!r}; please report this")
     data = pickle.dumps({"pattern": SPLIT_PATTERN, "mergeable_ranks": ranks, "special_tokens": specials})
     write_atomic(out / "tokenizer.pkl", data)
-    token_bytes = [len(enc.decode_single_token_bytes(i)) for i in range(len(ranks))]  # bytes, not text
-    token_bytes += [0] * len(specials)
-    write_atomic(out / "token_bytes.npy", npy_bytes(np.array(token_bytes, dtype=np.int32)))
     meta = {"recipe": TOKENIZER_RECIPE, "inputs": describe_files(read), "complete": state["complete"],
             "fingerprint": hashlib.sha256(data).hexdigest()[:16]}
+    write_token_bytes(enc, meta)
+
+
+def write_token_bytes(enc, meta):
+    """token_bytes.npy from the tokenizer, then the tokenizer's record with its hash (written last)."""
+    out = CACHE_DIR / "tokenizer"
+    n_special = len(SPECIAL_TOKENS)
+    token_bytes = [len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab - n_special)]  # bytes, not text
+    data = npy_bytes(np.array(token_bytes + [0] * n_special, dtype=np.int32))
+    write_atomic(out / "token_bytes.npy", data)
+    meta["token_bytes_sha256"] = hashlib.sha256(data).hexdigest()
     write_atomic(out / "meta.json", json.dumps(meta, indent=1).encode())
 
 
@@ -469,6 +485,10 @@ def ensure_tokenizer(source):
         if used == (inputs if meta["complete"] else inputs[:len(used)]):
             tokenizer = Tokenizer.from_directory(out)
             if tokenizer.fingerprint == meta["fingerprint"]:
+                if meta.get("token_bytes_sha256") != sha256_file(out / "token_bytes.npy"):
+                    if "token_bytes_sha256" in meta:  # (absent: written by an older prepare.py)
+                        print("tokenizer: token_bytes.npy changed on disk; writing it again")
+                    write_token_bytes(tokenizer.enc, meta)
                 print("tokenizer: up to date")
                 return tokenizer
     if meta:
@@ -489,7 +509,8 @@ def token_paths(split):
 
 
 def tokens_up_to_date(split, tokenizer, inputs=None):
-    """The split's record if its token files are complete and match the tokenizer (and inputs)."""
+    """The split's record if its token files are complete and match the tokenizer (and inputs, and,
+    when inputs are given, i.e. in `python prepare.py`, the content hashes of both files)."""
     bin_path, offsets_path, meta_path = token_paths(split)
     meta = read_meta(meta_path)
     if not meta or meta["tokenizer"] != tokenizer.fingerprint or not offsets_path.exists():
@@ -498,7 +519,16 @@ def tokens_up_to_date(split, tokenizer, inputs=None):
         return None
     if not bin_path.exists() or bin_path.stat().st_size != 2 * meta["n_tokens"]:
         return None
+    if inputs is not None and meta.get("sha256") != token_hashes(split):
+        why = "changed on disk since they were written" if "sha256" in meta else "have no content hash yet"
+        print(f"{split} tokens: the files {why}; rebuilding them")
+        return None
     return meta
+
+
+def token_hashes(split):
+    bin_path, offsets_path, _ = token_paths(split)
+    return {"bin": sha256_file(bin_path), "offsets": sha256_file(offsets_path)}
 
 
 def tokenize_split(source, split, tokenizer):
@@ -528,7 +558,8 @@ def tokenize_split(source, split, tokenizer):
     finally:
         tmp.unlink(missing_ok=True)
     meta = {"tokenizer": tokenizer.fingerprint, "inputs": describe_files(source[split]),
-            "recipe": TOKENIZER_RECIPE, "n_tokens": int(offsets[-1]), "n_docs": len(lengths)}
+            "recipe": TOKENIZER_RECIPE, "n_tokens": int(offsets[-1]), "n_docs": len(lengths),
+            "sha256": token_hashes(split)}
     write_atomic(meta_path, json.dumps(meta, indent=1).encode())
     return meta
 

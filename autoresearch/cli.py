@@ -231,7 +231,7 @@ def open_night(args, repo, settings, hashes):
         records.save_night(journal, night)
         git(repo, "checkout", "-q", "-b", branch)
     pending = night.pending
-    note = records.sync_tsv(tsv, night.rows + (pending.final.rows if pending and pending.final else []))
+    note = records.sync_tsv(tsv, night.rows + (pending.final.rows if pending and pending.final else []), run_dir)
     if note:
         print(f"note: {note}", flush=True)
     return night, run_dir

@@ -278,7 +278,7 @@ def undo_tampering(ctx, night, head):
     if git(ctx.repo, "rev-parse", "HEAD") != head:
         problems.append("train.py moved the driver's branch")
         git(ctx.repo, "reset", "-q", "--soft", head)
-    note = records.sync_tsv(ctx.tsv, night.rows)
+    note = records.sync_tsv(ctx.tsv, night.rows, ctx.run_dir)
     if note:
         problems.append(f"train.py wrote to results.tsv ({note})")
     return "; ".join(problems)
@@ -377,7 +377,7 @@ def record(ctx, night, p, status=None, note=None):
         p.final = Final(status, experiment_rows(ctx, night, p, status, note), note)
         save_state(ctx, night)
     final = p.final
-    foreign = records.sync_tsv(ctx.tsv, night.rows + final.rows)
+    foreign = records.sync_tsv(ctx.tsv, night.rows + final.rows, ctx.run_dir)
     if foreign:
         print(f"  note: {foreign}", flush=True)
     vals = measured(attempt_runs(p, ("candidate", "noise")))

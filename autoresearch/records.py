@@ -194,9 +194,9 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def set_aside(path, why):
-    """Move a file out of the way (never delete it) and return its new name."""
-    dest = path.with_name(f"{path.stem}-{why}-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+def set_aside(path, why, folder=None):
+    """Move a file out of the way (into `folder`, default its own; never delete it); its new path."""
+    dest = Path(folder or path.parent) / f"{path.stem}-{why}-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}"
     os.replace(path, dest)
     return dest
 
@@ -236,9 +236,10 @@ def is_extra_run(row):
     return bool(EXTRA_RUN_RE.match(row["description"]))
 
 
-def sync_tsv(path, lines):
+def sync_tsv(path, lines, aside_folder=None):
     """Make results.tsv the header plus `lines`. A file that is a prefix of that (a write cut by a
-    kill) is completed; one holding anything else is set aside first. Returns a note ("" if none)."""
+    kill) is completed; one holding anything else is set aside (into aside_folder) first. Returns a
+    note ("" if none)."""
     path = Path(path)
     expected = TSV_HEADER + "".join(lines)
     data = path.read_text(errors="replace") if path.exists() else ""
@@ -246,7 +247,7 @@ def sync_tsv(path, lines):
         return ""
     note = ""
     if not expected.startswith(data[:data.rfind("\n") + 1]):
-        note = (f"results.tsv held lines the driver did not write; kept as {set_aside(path, 'foreign').name}, "
+        note = (f"results.tsv held lines the driver did not write; kept as {set_aside(path, 'foreign', aside_folder)}, "
                 "rewritten from the journal")
     write_atomic(path, expected)
     return note

@@ -161,22 +161,10 @@ def test_program_md_edited_mid_run_survives_revert_and_reaches_next_request(repo
     assert "Focus on the optimizer" not in json.dumps(fake.requests[0]["system"])
 
 
-def test_no_credentials_in_the_training_environment(repo, fake, monkeypatch):
-    for name in ("OPENAI_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "MY_SERVICE_TOKEN", "ANTHROPIC_AUTH_TOKEN"):
-        monkeypatch.setenv(name, "secret")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", "4096")  # settings pass, though the name says TOKEN
-    assert run("--max-experiments", "0", "--greedy") == 0
-    log = (repo / "runs/t/0000/train.log").read_text()
-    env = json.loads(log.split("env: ")[1].split("\n")[0])
-    assert not [k for k in env if ("KEY" in k or "TOKEN" in k or "SECRET" in k or k.startswith("ANTHROPIC"))
-                and not k.startswith("AUTORESEARCH_")]
-    assert "AUTORESEARCH_EVAL_TOKENS" in env and "AUTORESEARCH_SEED" in env and "AUTORESEARCH_CACHE" in env and "CUDA_VISIBLE_DEVICES" in env
-    assert "sk-ant-test-secret" not in log
-
-
 @pytest.mark.parametrize("mode,says", [("nan", "no val_bpb in the output (exit code 1)"),
                                        ("nometric", "no val_bpb in the output (exit code 0)"),
+                                       ("two_blocks", "refused: more than one summary block"),
+                                       ("negative", "refused: val_bpb -0.500000 is impossible"),
                                        ("settings", "refused: the summary reports time_budget 10 but the driver runs with 5"),
                                        ("wrong_seed", "refused: the summary reports seed 43 but the driver set AUTORESEARCH_SEED=42")])
 def test_failed_or_refused_runs_become_crash_rows(repo, fake, mode, says):

@@ -249,6 +249,23 @@ def test_interrupted_or_damaged_steps_are_redone(own_prepared, capsys):
     assert not (own_prepared / "tokens" / "train.bin.tmp").exists()
 
 
+def test_token_files_changed_in_place_are_rebuilt(own_prepared, capsys):
+    """Same size, other bytes (the driver stops on such a val file): `python prepare.py` must
+    notice it by content and rebuild, so that its advice repairs the cache."""
+    val, token_bytes = own_prepared / "tokens" / "val.bin", own_prepared / "tokenizer" / "token_bytes.npy"
+    originals = val.read_bytes(), token_bytes.read_bytes()
+    for path in (val, token_bytes):
+        with open(path, "r+b") as f:
+            f.seek(200)
+            f.write(b"\x07\x00" * 8)
+    assert (val.read_bytes(), token_bytes.read_bytes()) != originals and val.stat().st_size == len(originals[0])
+    prepare.main(["--data", str(SAMPLE_DIR)])
+    out = capsys.readouterr().out
+    assert "val tokens: the files changed on disk since they were written; rebuilding them" in out
+    assert "token_bytes.npy changed on disk; writing it again" in out and "train tokens: up to date" in out
+    assert (val.read_bytes(), token_bytes.read_bytes()) == originals
+
+
 def test_new_data_retrains_and_never_mixes_tokenizers(own_prepared, tmp_path, capsys):
     old = prepare.Tokenizer.from_directory()
     prepare.main(["--data", str(SAMPLE_DIR / "hamlet.txt")])

@@ -46,8 +46,18 @@ if MODE == "touch_prepare":
         f.write("# EVAL_TOKENS changed by train.py\n")
 if MODE == "wrong_seed":
     seed += 1
+if MODE == "write_tsv":  # a row of its own in the driver's results.tsv
+    with open("results.tsv", "a") as f:
+        f.write("deadbee\t0.100000\t1.0\tkeep\ta row train.py wrote\n")
+if MODE == "git_checkout":  # moves HEAD off the driver's branch
+    subprocess.run(["git", "checkout", "-q", "master"], check=True)
 val_bpb = TRUE_BPB + NOISE_STD * random.Random(f"{seed}:{DATA_ORDER}").gauss(0, 1)
+if MODE == "negative":
+    val_bpb = -0.5
 time_budget = prepare.TIME_BUDGET * (2 if MODE == "settings" else 1)
+if MODE == "two_blocks":  # an earlier block, then a second with a much lower val_bpb
+    print(f"---\nval_bpb:          {val_bpb:.6f}\nseed:             {seed}")
+    val_bpb -= 0.5
 print("---")
 print(f"val_bpb:          {val_bpb:.6f}")
 print("training_seconds: 1.0")

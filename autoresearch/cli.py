@@ -8,6 +8,7 @@ Usage: python driver.py [--tag nov22] [--max-experiments N] [--deadline 07:30] [
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -99,22 +100,41 @@ def drive(args):
     print(f"run {args.tag} on branch {night.branch}: model {args.model}, {rule}, timeout "
           f"{ctx.timeout_s:.0f} s; noise floor sigma = "
           f"{night.sigma if night.sigma is not None else 'not measured yet'}", flush=True)
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    withheld = training.withheld_names(ctx.pass_env)
+    if withheld:
+        print(f"note: train.py does not get {len(withheld)} of your environment variables "
+              f"({', '.join(withheld)}); --pass-env NAME passes one", flush=True)
+    interrupted, previous = False, handle_stop_signals()
     try:
         loop.run_night(ctx, night)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; `python driver.py --tag {args.tag}` resumes this run", flush=True)
-        loop.restore_best(ctx, night)
-        return 130
+        interrupted = True
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if night.pending:
+        for s in previous:  # the clean-up itself is not interrupted
+            signal.signal(s, signal.SIG_IGN)
+        try:
             loop.restore_best(ctx, night)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    if interrupted:
+        print(f"\ninterrupted; `python driver.py --tag {args.tag}` resumes this run", flush=True)
+        return 130
     print(f"total: {night.next_n} experiments, {len(night.rows)} runs, best {loop.short_best(night)}, "
           f"spend ${night.spend['usd']:.2f}, GPU {night.gpu_s['total'] / 3600:.2f} h "
           f"({night.gpu_s['noise'] / max(night.gpu_s['total'], 1e-9):.0%} on noise handling)")
     return 0
+
+
+def handle_stop_signals():
+    """SIGTERM and SIGHUP (a closed terminal, `kill`, a service manager) stop the run like Ctrl-C,
+    so the training process group is ended; a signal set to be ignored (nohup) stays ignored.
+    Returns the previous handlers of SIGINT, SIGTERM and SIGHUP."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        if previous[s] is not signal.SIG_IGN:
+            signal.signal(s, interrupt)
+    return previous
 
 
 def interrupt(signum, frame):
@@ -228,6 +248,7 @@ def open_night(args, repo, settings, hashes):
                       wins_rejected=0, spend={"usd": 0.0}, pending=None)
         if tsv.exists():  # left by a run whose journal is gone: keep it aside
             os.replace(tsv, run_dir / f"results-orphaned-{int(time.time())}.tsv")
+        records.save_json(run_dir / "run.json", {"settings": settings, "metric_hashes": hashes})  # never rewritten
         records.save_night(journal, night)
         git(repo, "checkout", "-q", "-b", branch)
     pending = night.pending
@@ -247,7 +268,12 @@ def recover_night(repo, tag, branch, settings, hashes, run_dir, error):
         raise SystemExit(f"autoresearch: {journal} is damaged ({error}) and there is nothing to rebuild it from "
                          f"(no rows in results.tsv or no branch {branch}); move it aside and start a new run: "
                          f"`python driver.py --tag {tag}-2`")
-    night = records.rebuild_night(repo, tag, branch, settings, hashes, lines, run_dir, loop.BASE_SEED)
+    identity = run_dir / "run.json"  # the settings and metric the run started with, kept apart
+    if identity.exists():
+        started = json.loads(identity.read_text())
+        settings, hashes = started["settings"], started["metric_hashes"]
+    night = records.rebuild_night(repo, tag, branch, settings, hashes, lines, run_dir, loop.BASE_SEED,
+                                  run_s=settings["time_budget"])
     aside = records.set_aside(journal, "damaged")
     records.save_night(journal, night)
     print(f"autoresearch: {journal} was damaged ({error}); kept it as {aside.name} and rebuilt the run from "

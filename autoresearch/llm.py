@@ -39,31 +39,45 @@ def make_client():
     return anthropic.Anthropic(max_retries=0, timeout=LLM_TIMEOUT_S)
 
 
+def is_message(reply):
+    """A Messages API reply (a proxy's 200 can be HTML, or JSON of another shape)."""
+    import anthropic
+    return isinstance(reply, anthropic.types.Message) and reply.type == "message" and isinstance(reply.content, list)
+
+
 def ask(client, request):
     """messages.create, retried until the API answers with a message."""
-    import anthropic
-    return with_retries(lambda: client.messages.create(**request), anthropic.types.Message, request["model"])
+    return with_retries(lambda: client.messages.create(**request), is_message, request["model"])
 
 
 def check_access(client, model):
-    """One cheap request (the model's entry in the models list) before any GPU time is spent:
-    a missing key or an unknown model stops the run now, not after the baseline runs."""
+    """One free request (the model's entry in the models list) before any GPU time is spent: a
+    missing key or an unknown model stops the run now, not after the baseline runs. A gateway
+    without the models list (404) is asked one tiny message instead."""
     import anthropic
-    with_retries(lambda: client.models.retrieve(model), anthropic.types.ModelInfo, model)
+
+    def ping():
+        return with_retries(lambda: client.messages.create(model=model, max_tokens=1, messages=[
+            {"role": "user", "content": "Reply with one word."}]), is_message, model)
+    with_retries(lambda: client.models.retrieve(model),
+                 lambda reply: isinstance(reply, anthropic.types.ModelInfo) and bool(reply.id), model, on_404=ping)
 
 
-def with_retries(call, expected_type, model):
-    """call() until it returns an expected_type; transient errors wait and retry, refusals stop."""
+def with_retries(call, is_valid, model, on_404=None):
+    """call() until its reply is_valid; transient errors wait and retry, refusals stop the run
+    (a 404 calls on_404 instead, when given)."""
     import anthropic
     delay_s = LLM_BACKOFF_S
     while True:
         try:
             reply = call()
-            if isinstance(reply, expected_type):
+            if is_valid(reply):
                 return reply
             wait_s, what = delay_s, f"a reply that is not the API's ({str(reply)[:60]!r})"
         except anthropic.APIStatusError as e:
             code = e.status_code
+            if code == 404 and on_404:
+                return on_404()
             if not (code in (408, 409, 429) or code >= 500):
                 hint = REFUSAL_HINTS.get(code) or \
                     (f"unknown model {model!r}: pass --model with a current model id" if code == 404

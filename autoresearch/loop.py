@@ -120,9 +120,11 @@ def new_experiment(ctx, night):
                       int(time.time()))
 
 
-def propose(ctx, night, exp_dir, messages, source):
+def propose(ctx, night, exp_dir, messages, source, conversation_file=None):
     """Ask for an edit of `source` until one validates (EDIT_ATTEMPTS). Returns (description, new
-    source) or (None, None); messages (the conversation after the first user turn) grow in place."""
+    source) or (None, None); messages (the conversation after the first user turn) grow in place
+    and are saved to conversation_file (default: the first attempt's)."""
+    conversation_file = conversation_file or exp_dir / "conversation.json"
     program = ctx.repo / "program.md"
     best_py = records.train_py_at(ctx.repo, night.best.commit)
     for _ in range(EDIT_ATTEMPTS):
@@ -147,12 +149,12 @@ def propose(ctx, night, exp_dir, messages, source):
         new, error = edits.apply_edits(source, args.get("edits"), set(night.tried))
         if new is not None:
             night.tried.append(records.sha256_bytes(new.encode()))
-            records.save_json(exp_dir / "conversation.json", messages)
+            records.save_json(conversation_file, messages)
             return records.clean_description(args.get("description", "")), new
         print(f"  edit rejected: {error}", flush=True)
         messages.append({"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": tool.id, "is_error": True, "content": error}]})
-    records.save_json(exp_dir / "conversation.json", messages)
+    records.save_json(conversation_file, messages)
     return None, None
 
 
@@ -170,11 +172,18 @@ def add_spend(ctx, night, exp_dir, usage):
     save_state(ctx, night)  # spend is never lost, whatever happens next
 
 
+def conversation_path(p, attempt):
+    """Each attempt's conversation in a file of its own: a kill before a fix is recorded re-asks
+    from the attempt's own conversation, never from one that holds the unrecorded fix."""
+    return Path(p.dir) / ("conversation.json" if attempt == 0 else f"conversation-{attempt + 1}.json")
+
+
 def ask_for_fix(ctx, night, p, failed):
     """Send the failed run's log tail back to the LLM; a valid fix becomes the next attempt.
     False when no valid fix came."""
     exp_dir = Path(p.dir)
-    messages = json.loads((exp_dir / "conversation.json").read_text())
+    path = conversation_path(p, p.attempt)
+    messages = json.loads((path if path.exists() else exp_dir / "conversation.json").read_text())  # (older drivers)
     last_tool = next(b["id"] for b in reversed(messages[-1]["content"]) if b["type"] == "tool_use")
     tail = "\n".join(Path(failed.log).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
     messages.append({"role": "user", "content": [{
@@ -183,7 +192,8 @@ def ask_for_fix(ctx, night, p, failed):
                    "\n\nFix train.py with another edit (edits apply to the file as you left it)."}]})
     if p.commit:
         keep_discarded(ctx, f"{p.n:04d}-{p.attempt + 1}", p.commit)
-    description, source = propose(ctx, night, exp_dir, messages, Path(p.source).read_text())
+    description, source = propose(ctx, night, exp_dir, messages, Path(p.source).read_text(),
+                                  conversation_path(p, p.attempt + 1))
     if source is None:
         return False
     p.attempt += 1
@@ -240,15 +250,15 @@ def one_run(ctx, night, p, role, seed):
     log_path = Path(p.dir) / ("train.log" if not p.runs else f"train-{len(p.runs) + 1}.log")
     result = training.run_training(repo, log_path, seed, ctx.timeout_s, night.settings,
                                    ctx.run_dir / "training.pid", ctx.pass_env)
+    tampered = undo_tampering(ctx, night, p.commit)  # first: a checkout in train.py can swap prepare.py too
     check_metric_unchanged(ctx, night, p, log_path)
-    tampered = undo_tampering(ctx, night, p.commit)
     if tampered:
         print(f"  run refused: {tampered}", flush=True)
         result = training.RunResult(None, 0.0, result.seconds, f"refused: {tampered}")
     p.runs.append(Run(role, seed, commit, p.attempt, result.val_bpb, result.peak_vram_mb,
                       result.seconds, result.failure, str(log_path)))
-    if role == "best" and result.val_bpb is not None:
-        night.best_vals.append(result.val_bpb)  # the incumbent's mean sharpens with repeats
+    if role == "best" and result.val_bpb is not None:  # the incumbent's mean sharpens with repeats
+        night.groups.setdefault(night.best.commit, []).append(result.val_bpb)
     night.gpu_s["total"] += result.seconds
     night.run_counts["total"] += 1
     if role != "candidate" or len(attempt_runs(p)) > 1:
@@ -278,7 +288,7 @@ def undo_tampering(ctx, night, head):
     if git(ctx.repo, "rev-parse", "HEAD") != head:
         problems.append("train.py moved the driver's branch")
         git(ctx.repo, "reset", "-q", "--soft", head)
-    note = records.sync_tsv(ctx.tsv, night.rows, ctx.run_dir)
+    note = records.sync_tsv(ctx.tsv, night.rows, ctx.run_dir, strict=True)
     if note:
         problems.append(f"train.py wrote to results.tsv ({note})")
     return "; ".join(problems)
@@ -388,7 +398,7 @@ def record(ctx, night, p, status=None, note=None):
     else:
         if p.commit and p.kind != "baseline":
             keep_discarded(ctx, f"{p.n:04d}", p.commit)
-        if len(vals) > 1 and p.commit:
+        if len(vals) > 1 and p.commit and not final.note.startswith("refused"):  # refused values are no noise
             night.groups[p.commit] = vals
     night.sigma = decisions.pooled_std(list(night.groups.values())) or night.sigma
     if "not confirmed" in final.note:

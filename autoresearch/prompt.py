@@ -12,7 +12,7 @@ from autoresearch.llm import LLM_MAX_TOKENS
 from autoresearch.records import TSV_HEADER
 
 PREPARE_API = ("MAX_SEQ_LEN", "TIME_BUDGET", "EVAL_TOKENS", "VOCAB_SIZE", "SEED", "Tokenizer",
-               "get_token_bytes", "make_dataloader", "evaluate_bpb")  # shown to the model
+               "get_token_bytes", "make_dataloader", "evaluate_bpb", "check_causal")  # shown to the model
 
 SYSTEM_PROMPT = f"""You are an autonomous ML researcher. Each turn you propose ONE experiment:
 a change to train.py that you expect to lower val_bpb (validation bits per byte) within the

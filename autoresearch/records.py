@@ -96,7 +96,7 @@ class Night:
     @property
     def best_vals(self):
         """val_bpb of every run of the best code: one list, stored once, in `groups`."""
-        return self.groups.setdefault(self.best.commit, [])
+        return self.groups.get(self.best.commit, [])
 
 
 class JournalDamaged(Exception):
@@ -131,7 +131,7 @@ def save_night(journal, night):
     save_json(journal, dataclasses.asdict(night))
 
 
-def rebuild_night(repo, tag, branch, settings, hashes, lines, run_dir, base_seed):
+def rebuild_night(repo, tag, branch, settings, hashes, lines, run_dir, base_seed, run_s):
     """A Night from what outlives a damaged journal: the rows of results.tsv and the git branch.
     The best is the last kept idea (or the baseline), the noise floor comes from every code run
     more than once; an experiment that was in flight is given up (the loop restores the best)."""
@@ -141,7 +141,7 @@ def rebuild_night(repo, tag, branch, settings, hashes, lines, run_dir, base_seed
                for r in rows}
     groups = {}
     for r in rows:
-        if r["status"] != "crash" and commits[r["commit"]]:
+        if r["status"] != "crash" and "refused:" not in r["description"] and commits[r["commit"]]:
             groups.setdefault(commits[r["commit"]], []).append(float(r["val_bpb"]))
     kept = [r for r in rows if r["status"] == "keep" and not is_extra_run(r) and commits[r["commit"]]]
     best = Best(commits[kept[-1]["commit"]], kept[-1]["description"].split(" [")[0]) if kept else \
@@ -153,7 +153,8 @@ def rebuild_night(repo, tag, branch, settings, hashes, lines, run_dir, base_seed
                  metric_hashes=hashes, best=best, groups=groups, sigma=pooled_std(list(groups.values())),
                  rows=list(lines), next_n=max(numbers, default=-1) + 1, next_seed=max(seeds + [base_seed]) + 1,
                  tried=sorted({sha256_bytes(train_py_at(repo, c).encode()) for c in set(commits.values()) if c}),
-                 gpu_s={"total": 0.0, "noise": 0.0}, run_counts={"total": len(rows), "noise": extra},
+                 gpu_s={"total": len(rows) * run_s, "noise": extra * run_s},  # estimated: the logs' times are lost
+                 run_counts={"total": len(rows), "noise": extra},
                  wins_rejected=sum("not confirmed" in r["description"] for r in rows if not is_extra_run(r)),
                  spend={"usd": 0.0}, pending=None)
 
@@ -236,17 +237,20 @@ def is_extra_run(row):
     return bool(EXTRA_RUN_RE.match(row["description"]))
 
 
-def sync_tsv(path, lines, aside_folder=None):
-    """Make results.tsv the header plus `lines`. A file that is a prefix of that (a write cut by a
-    kill) is completed; one holding anything else is set aside (into aside_folder) first. Returns a
-    note ("" if none)."""
+def sync_tsv(path, lines, aside_folder=None, strict=False):
+    """Make results.tsv the header plus `lines`. A file that is a prefix of that (rows not written
+    yet, or a write cut by a kill) is completed, unless `strict` (after a run, when nothing may have
+    changed it); one holding anything else is set aside (into aside_folder) first. Returns a note
+    ("" if none)."""
     path = Path(path)
     expected = TSV_HEADER + "".join(lines)
     data = path.read_text(errors="replace") if path.exists() else ""
     if data == expected:
         return ""
     note = ""
-    if not expected.startswith(data[:data.rfind("\n") + 1]):
+    if strict and not path.exists():
+        note = "results.tsv was deleted; rewritten from the journal"
+    elif strict or not expected.startswith(data):
         note = (f"results.tsv held lines the driver did not write; kept as {set_aside(path, 'foreign', aside_folder)}, "
                 "rewritten from the journal")
     write_atomic(path, expected)
@@ -259,19 +263,29 @@ def sync_tsv(path, lines, aside_folder=None):
 
 def git(repo, *args, env=None, check=True):
     """Run git in the repo and return stdout; a failure stops with git's message (unless
-    check=False: then a failure returns what git printed, usually nothing). A lock file left by a
-    killed git is removed; one a live git holds is waited for."""
-    for _ in range(GIT_LOCK_TRIES):
-        proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
-                              env={**os.environ, **(env or {})})
-        lock = re.search(r"Unable to create '([^']+\.lock)': File exists", proc.stderr)
-        if proc.returncode == 0 or not lock:
-            break
-        if not remove_stale_lock(repo, Path(lock[1])):
-            time.sleep(1.0)
+    check=False: then a failure returns what git printed, usually nothing)."""
+    proc = run_git(repo, args, env)
     if check and proc.returncode != 0:
         raise SystemExit(f"autoresearch: git {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.stdout.strip()
+
+
+def git_succeeds(repo, *args):
+    return run_git(repo, args).returncode == 0
+
+
+def run_git(repo, args, env=None):
+    """git, its messages in English; a lock file left by a killed git is removed, one that a live
+    git holds is waited for."""
+    for _ in range(GIT_LOCK_TRIES):
+        proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+                              env={**os.environ, "LC_ALL": "C", "LANGUAGE": "C", **(env or {})})
+        lock = re.search(r"Unable to create '([^']+\.lock)': File exists", proc.stderr)
+        if proc.returncode == 0 or not lock:
+            return proc
+        if not remove_stale_lock(repo, Path(lock[1])):
+            time.sleep(1.0)
+    return proc
 
 
 def remove_stale_lock(repo, lock):
@@ -305,10 +319,11 @@ def train_py_at(repo, commit):
 
 def on_branch(repo, branch):
     """Put HEAD back on the driver's branch if something moved it (a `git checkout` in train.py),
-    without moving any branch or touching files other than through the index. Returns where HEAD was."""
+    moving no branch. Returns where HEAD was ("" if it had not moved)."""
     head = git(repo, "symbolic-ref", "-q", "HEAD", check=False) or git(repo, "rev-parse", "HEAD")
-    if head != f"refs/heads/{branch}":
-        git(repo, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
-        git(repo, "reset", "-q")  # the index from the branch; the work tree keeps every file
-        return head
-    return ""
+    if head == f"refs/heads/{branch}":
+        return ""
+    if not git_succeeds(repo, "checkout", "-q", branch):  # carries the user's own edits back
+        git(repo, "symbolic-ref", "HEAD", f"refs/heads/{branch}")  # a conflict: keep every file as it is
+        git(repo, "reset", "-q")
+    return head

@@ -21,9 +21,10 @@ SETTINGS_KEYS = ("max_seq_len", "time_budget", "eval_tokens")
 # What training needs from the driver's environment, and nothing else: no keys, tokens,
 # database URLs or webhooks, no proxies. More with --pass-env NAME.
 PASS_ENV_NAMES = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "LANG", "LANGUAGE", "TMPDIR",
-                  "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "XDG_CACHE_HOME"}
+                  "PYTHONPATH", "PYTHONHOME", "PYTHONNOUSERSITE", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "XDG_CACHE_HOME",
+                  "CC", "CXX", "CPATH", "LIBRARY_PATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH"}  # compilers: Triton
 PASS_ENV_PREFIXES = ("AUTORESEARCH_", "LC_", "CUDA_", "NVIDIA_", "TORCH", "PYTORCH_", "TRITON_", "OMP_",
-                     "MKL_", "NCCL_", "CUDNN_", "CUBLAS_")
+                     "MKL_", "NCCL_", "CUDNN_", "CUBLAS_", "CONDA_")
 
 
 @dataclass
@@ -39,13 +40,21 @@ def default_timeout_s(time_budget):
     return 2 * time_budget + TIMEOUT_ALLOWANCE_S
 
 
+def passes(name, pass_env=()):
+    return name in PASS_ENV_NAMES or name.startswith(PASS_ENV_PREFIXES) or name in pass_env
+
+
 def training_env(seed, pass_env=()):
     """An allow-list of the driver's environment (see PASS_ENV_*), plus the seed."""
-    env = {k: v for k, v in os.environ.items()
-           if k in PASS_ENV_NAMES or k.startswith(PASS_ENV_PREFIXES) or k in pass_env}
+    env = {k: v for k, v in os.environ.items() if passes(k, pass_env)}
     env["AUTORESEARCH_SEED"] = str(seed)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def withheld_names(pass_env=()):
+    """The driver's environment variables train.py does not get (said once at start)."""
+    return sorted(k for k in os.environ if not passes(k, pass_env))
 
 
 def kill_group(proc):

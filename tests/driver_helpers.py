@@ -2,10 +2,10 @@
 tmp_path holding the driver (driver.py and the package autoresearch/) with stand-in
 prepare.py / train.py, and small helpers."""
 
+import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +64,19 @@ def repo(tmp_path, fake, monkeypatch):
 
 STANDIN_ENV = ["--pass-env", "STANDIN_GRANDCHILD_FILE", "--pass-env", "STANDIN_ONCE_FILE",
                "--pass-env", "STANDIN_PID_FILE"]  # the stand-in's knobs reach it only when passed
+
+
+@pytest.fixture
+def noisy(repo):
+    """The repo's train.py with run-to-run noise of 0.001 bpb (sigma), committed."""
+    path = repo / "train.py"
+    path.write_text(path.read_text().replace("NOISE_STD = 0.0", "NOISE_STD = 0.001"))
+    git(repo, "commit", "-q", "-am", "noisy stand-in")
+    return repo
+
+
+def journal(repo):
+    return json.loads((repo / "runs/t/journal.json").read_text())
 
 
 def run(*args):

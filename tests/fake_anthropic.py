@@ -39,6 +39,12 @@ def html_page():
     return {"raw": b"<html><body>Please log in to the proxy</body></html>", "type": b"text/html"}
 
 
+def not_a_message():
+    """A 200 JSON body of another shape (a gateway's error passed on as a success)."""
+    return {"raw": b'{"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}',
+            "type": b"application/json"}
+
+
 def slow(seconds, reply):
     """Answer `reply` only after `seconds` (longer than the client's timeout: a timeout)."""
     return {"sleep": seconds, "then": reply}

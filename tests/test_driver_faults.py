@@ -5,6 +5,7 @@ records, a damaged journal, SIGTERM/SIGHUP, and what reaches train.py's environm
 Run: python -m pytest tests/test_driver_faults.py"""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,17 +13,14 @@ import time
 
 import pytest
 
-from driver_helpers import BASE_LINE, MODE_LINE, STANDIN_ENV, branch_log, fake, git, pid_gone, repo, rows, run  # noqa: F401
-from fake_anthropic import cut_short, edit, error, html_page
+from driver_helpers import (BASE_LINE, MODE_LINE, STANDIN_ENV, branch_log, fake, git, journal, noisy,  # noqa: F401
+                            pid_gone, repo, rows, run)
+from fake_anthropic import cut_short, edit, error, html_page, not_a_message
 from autoresearch import cli, decisions, llm, loop, records
 
 
 class Killed(BaseException):
     """Stands for kill -9 at one exact instant."""
-
-
-def journal(repo):
-    return json.loads((repo / "runs/t/journal.json").read_text())
 
 
 # ---------------------------------------------------------------------------
@@ -34,10 +32,11 @@ def journal(repo):
                                               (404, "not_found_error", "unknown model 'claude-nope'")])
 def test_key_and_model_are_checked_before_the_baseline(repo, fake, status, kind, says):
     fake.model_replies += [error(status, kind, "nope")]
+    fake.replies += [error(status, kind, "nope")]  # a 404 is confirmed with one tiny message
     with pytest.raises(SystemExit) as stop:
         run("--model", "claude-nope")
     assert says in str(stop.value) and str(stop.value).count("\n") == 0
-    assert fake.model_checks == ["claude-nope"] and fake.requests == []
+    assert fake.model_checks == ["claude-nope"] and len(fake.requests) == (status == 404)
     assert not (repo / "results.tsv").exists() and not (repo / "runs/t").exists()  # no run, no GPU time
     assert git(repo, "branch", "--list", "autoresearch/*") == ""
 
@@ -76,14 +75,20 @@ def test_a_stale_index_lock_from_a_killed_git_is_removed(repo, fake, capsys):
     assert not (repo / ".git" / "index.lock").exists()
 
 
-def test_a_lock_a_live_git_holds_is_waited_for(repo, monkeypatch):
+def test_a_lock_a_live_git_holds_is_waited_for(repo, monkeypatch, capsys):
     lock = repo / ".git" / "index.lock"
     lock.write_text("")
+    waits = []
     monkeypatch.setattr(records, "git_running_in", lambda repo: lock.exists())  # a live git holds it...
-    monkeypatch.setattr(records.time, "sleep", lambda s: lock.unlink())       # ...and finishes a second later
+
+    def live_git_finishes(seconds):  # ...and is done a second later
+        waits.append(seconds)
+        lock.unlink()
+    monkeypatch.setattr(records.time, "sleep", live_git_finishes)
     (repo / "program.md").write_text("changed\n")
     records.git(repo, "add", "program.md")
     assert "program.md" in git(repo, "diff", "--cached", "--name-only")
+    assert waits == [1.0] and "removing" not in capsys.readouterr().out  # waited for, not removed
 
 
 def git_dies(patch, when, match):
@@ -123,14 +128,6 @@ def test_killed_during_start_up_then_restarted(repo, fake, monkeypatch, where):
 # ---------------------------------------------------------------------------
 # 3. The same decisions with the same figures after a resume
 # ---------------------------------------------------------------------------
-
-@pytest.fixture
-def noisy(repo):
-    path = repo / "train.py"
-    path.write_text(path.read_text().replace("NOISE_STD = 0.0", "NOISE_STD = 0.001"))
-    git(repo, "commit", "-q", "-am", "noisy stand-in")
-    return repo
-
 
 def sigma_from_rows(repo):
     """The noise floor recomputed from results.tsv: every code (commit) run more than once."""
@@ -185,21 +182,29 @@ def test_a_journal_of_the_single_file_driver_resumes(noisy, fake):
 # 4. Broken 200 replies are transient
 # ---------------------------------------------------------------------------
 
-def test_a_reply_cut_short_or_an_html_page_is_retried(repo, fake, capsys):
+def test_a_reply_cut_short_an_html_page_or_another_json_is_retried(repo, fake, capsys):
     good = edit("good", (BASE_LINE, "TRUE_BPB = 0.990000"))
-    fake.replies += [cut_short(), html_page(), good]
+    fake.replies += [cut_short(), html_page(), not_a_message(), good]
     assert run("--max-experiments", "1", "--greedy") == 0
-    assert [x["status"] for x in rows(repo)] == ["keep", "keep"] and len(fake.requests) == 3
+    assert [x["status"] for x in rows(repo)] == ["keep", "keep"] and len(fake.requests) == 4
     retries = [line for line in capsys.readouterr().out.splitlines() if "LLM API:" in line]
-    assert len(retries) == 2 and "not the API's" in retries[1]
+    assert len(retries) == 3 and "not the API's" in retries[1] and "not the API's" in retries[2]
+
+
+def test_a_gateway_without_the_models_list_is_checked_with_one_tiny_message(repo, fake):
+    fake.model_replies += [error(404, "not_found_error", "no such route")]
+    fake.replies += [edit("pong")]  # any message will do
+    assert run("--max-experiments", "0", "--greedy") == 0
+    assert fake.requests[0]["max_tokens"] == 1 and [x["description"] for x in rows(repo)] == ["baseline"]
 
 
 # ---------------------------------------------------------------------------
 # 5.-7. A train.py that touches the records, or reports an impossible number
 # ---------------------------------------------------------------------------
 
-def test_a_train_py_that_writes_to_results_tsv_is_refused_and_the_rows_repaired(repo, fake):
-    fake.replies += [edit("sneaky", (MODE_LINE, 'MODE = "write_tsv"'), (BASE_LINE, "TRUE_BPB = 0.500000")),
+@pytest.mark.parametrize("mode", ["write_tsv", "write_tsv_no_newline", "delete_tsv"])
+def test_a_train_py_that_writes_to_results_tsv_is_refused_and_the_rows_repaired(repo, fake, mode):
+    fake.replies += [edit("sneaky", (MODE_LINE, f'MODE = "{mode}"'), (BASE_LINE, "TRUE_BPB = 0.500000")),
                      edit("honest", (BASE_LINE, "TRUE_BPB = 0.990000"))]
     assert run("--max-experiments", "2", "--fix-attempts", "0", "--greedy") == 0
     r = rows(repo)
@@ -208,11 +213,33 @@ def test_a_train_py_that_writes_to_results_tsv_is_refused_and_the_rows_repaired(
     assert "refused: train.py wrote to results.tsv" in r[1]["description"]
     assert "a row train.py wrote" not in (repo / "results.tsv").read_text()
     aside = list((repo / "runs/t").glob("results-foreign-*.tsv"))
-    assert len(aside) == 1 and "a row train.py wrote" in aside[0].read_text()  # set aside, not deleted
+    if mode != "delete_tsv":
+        assert len(aside) == 1 and "a row train.py wrote" in aside[0].read_text()  # set aside, not deleted
+
+
+def commit_on(repo, branch, changes):
+    """A commit on `branch` that changes files, made without checking it out (the user's own work)."""
+    env = {**os.environ, "GIT_INDEX_FILE": str(repo / ".git" / "other-index")}
+
+    def plumbing(*args, **kwargs):
+        return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, check=True,
+                              **kwargs).stdout.strip()
+    plumbing("read-tree", branch)
+    for name, text in changes.items():
+        blob = plumbing("hash-object", "-w", "--stdin", input=text)
+        plumbing("update-index", "--add", "--cacheinfo", f"100644,{blob},{name}")
+    commit = plumbing("commit-tree", plumbing("write-tree"), "-p", branch, "-m", "the user's work")
+    plumbing("update-ref", f"refs/heads/{branch}", commit)
+    return commit
 
 
 def test_a_train_py_that_checks_out_another_branch_moves_no_branch(repo, fake):
-    master = git(repo, "rev-parse", "master")
+    """master differs in program.md and prepare.py too: after the refused run the work tree is the
+    driver's again (its program.md, its prepare.py: the metric did not change), master unmoved."""
+    assert run("--max-experiments", "0", "--greedy") == 0
+    program, prepare = (repo / "program.md").read_text(), (repo / "prepare.py").read_text()
+    master = commit_on(repo, "master", {"program.md": "the user's program on master\n",
+                                        "prepare.py": prepare + "# another metric\n"})
     fake.replies += [edit("checkout", (MODE_LINE, 'MODE = "git_checkout"'), (BASE_LINE, "TRUE_BPB = 0.500000")),
                      edit("honest", (BASE_LINE, "TRUE_BPB = 0.990000"))]
     assert run("--max-experiments", "2", "--fix-attempts", "0", "--greedy") == 0
@@ -221,6 +248,7 @@ def test_a_train_py_that_checks_out_another_branch_moves_no_branch(repo, fake):
     assert git(repo, "rev-parse", "master") == master  # the user's branch did not move
     assert git(repo, "symbolic-ref", "HEAD") == "refs/heads/autoresearch/t"
     assert branch_log(repo) == ["honest", "initial"] and r[2]["status"] == "keep"
+    assert (repo / "program.md").read_text() == program and (repo / "prepare.py").read_text() == prepare
     assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
 
 
@@ -305,3 +333,69 @@ def test_training_environment_is_an_allow_list(repo, fake, monkeypatch):
     assert not set(secrets) & set(env) and not [v for v in secrets.values() if v in log]
     assert {"PATH", "HOME", "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR", "OMP_NUM_THREADS", "LC_ALL",
             "AUTORESEARCH_SEED", "AUTORESEARCH_CACHE", "MY_SETTING"} <= set(env)
+
+
+def test_under_nohup_sighup_stays_ignored(repo, fake, tmp_path, monkeypatch):
+    """`nohup python driver.py &` then logging out: the night goes on."""
+    once, pid_file = tmp_path / "once", tmp_path / "training.pid"
+    monkeypatch.setenv("STANDIN_ONCE_FILE", str(once))
+    monkeypatch.setenv("STANDIN_PID_FILE", str(pid_file))
+    fake.replies += [edit("slow", (MODE_LINE, 'MODE = "slow_once"'), (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    once.write_text("x")  # the stand-in does not sleep: the run just has to finish
+    proc = subprocess.Popen([sys.executable, "driver.py", "--tag", "t", "--allow-cpu", *STANDIN_ENV,
+                             "--max-experiments", "1", "--greedy"], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    for _ in range(600):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGHUP)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, out
+    assert [x["description"] for x in rows(repo)] == ["baseline", "slow"]
+
+
+def test_a_kill_before_a_fix_is_recorded_re_asks_from_the_attempts_own_conversation(repo, fake, monkeypatch):
+    fake.replies += [edit("crashes", (MODE_LINE, 'MODE = "crash"'), (BASE_LINE, "TRUE_BPB = 0.980000")),
+                     edit("the fix", ('MODE = "crash"', MODE_LINE)),
+                     edit("the fix", ('MODE = "crash"', MODE_LINE))]
+    assert run("--max-experiments", "0", "--greedy") == 0
+    original = loop.save_state
+
+    def dies_when_the_fix_is_recorded(ctx, night):
+        if night.pending and night.pending.attempt == 1:
+            raise Killed
+        original(ctx, night)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "save_state", dies_when_the_fix_is_recorded)
+        with pytest.raises(Killed):
+            run("--max-experiments", "1", "--greedy")
+    assert run("--max-experiments", "1", "--greedy") == 0
+    first_fix, second_fix = fake.requests[1], fake.requests[2]
+    assert first_fix["messages"] == second_fix["messages"]  # the same question again, not "your fix failed"
+    assert [x["status"] for x in rows(repo)] == ["keep", "crash", "keep"]
+
+
+def test_refused_identical_values_do_not_narrow_the_noise_floor(noisy, fake):
+    fake.replies += [edit("ignores the seed", ("NOISE_STD = 0.001", "NOISE_STD = 0.0"), (BASE_LINE, "TRUE_BPB = 0.998500"))]
+    assert run("--max-experiments", "0") == 0
+    sigma = journal(noisy)["sigma"]
+    assert run("--max-experiments", "1") == 0
+    r = rows(noisy)[3:]
+    assert len(r) == 3 and "refused: identical val_bpb on different seeds" in r[0]["description"]
+    assert journal(noisy)["sigma"] == sigma and len(journal(noisy)["groups"]) == 1
+
+
+def test_a_rebuilt_journal_keeps_the_settings_and_metric_the_run_started_with(repo, fake, monkeypatch):
+    assert run("--max-experiments", "0", "--greedy") == 0
+    (repo / "runs/t/journal.json").write_text("")
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "6")
+    with pytest.raises(SystemExit, match="run t started with .*'time_budget': 5"):
+        run("--greedy")
+
+
+def test_the_variables_train_py_does_not_get_are_named_once(repo, fake, monkeypatch, capsys):
+    monkeypatch.setenv("CUSTOM_DATA_ROOT", "/data")
+    assert run("--max-experiments", "0", "--greedy") == 0
+    note = next(line for line in capsys.readouterr().out.splitlines() if "does not get" in line)
+    assert "CUSTOM_DATA_ROOT" in note and "--pass-env NAME" in note and "ANTHROPIC_API_KEY" in note

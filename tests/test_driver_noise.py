@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from driver_helpers import BASE_LINE, MODE_LINE, branch_log, fake, git, repo, rows, run  # noqa: F401
+from driver_helpers import BASE_LINE, MODE_LINE, branch_log, fake, git, journal, noisy, repo, rows, run  # noqa: F401
 from autoresearch import decisions, training
 from autoresearch.report import report
 from fake_anthropic import edit
@@ -18,17 +18,6 @@ ORDER_LINE = "DATA_ORDER = 0"
 SEED_LINE = 'seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))'
 
 
-@pytest.fixture
-def noisy(repo):
-    """The repo's train.py with run-to-run noise of 0.001 bpb (sigma), committed."""
-    path = repo / "train.py"
-    path.write_text(path.read_text().replace("NOISE_STD = 0.0", "NOISE_STD = 0.001"))
-    git(repo, "commit", "-q", "-am", "noisy stand-in")
-    return repo
-
-
-def journal(repo):
-    return json.loads((repo / "runs/t/journal.json").read_text())
 
 
 def test_noise_floor_measured_at_start_and_clear_gain_kept_at_once(noisy, fake, capsys):

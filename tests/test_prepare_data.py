@@ -266,6 +266,16 @@ def test_token_files_changed_in_place_are_rebuilt(own_prepared, capsys):
     assert (val.read_bytes(), token_bytes.read_bytes()) == originals
 
 
+def test_token_files_of_an_older_prepare_py_get_their_hashes_without_a_rebuild(own_prepared, capsys):
+    meta_path = own_prepared / "tokens" / "train.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))  # as written before
+    prepare.main(["--data", str(SAMPLE_DIR)])
+    captured = capsys.readouterr()
+    assert "train tokens: up to date" in captured.out and "tokenizing train" not in captured.err
+    assert json.loads(meta_path.read_text())["sha256"] == meta["sha256"]
+
+
 def test_new_data_retrains_and_never_mixes_tokenizers(own_prepared, tmp_path, capsys):
     old = prepare.Tokenizer.from_directory()
     prepare.main(["--data", str(SAMPLE_DIR / "hamlet.txt")])

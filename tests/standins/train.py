@@ -49,6 +49,11 @@ if MODE == "wrong_seed":
 if MODE == "write_tsv":  # a row of its own in the driver's results.tsv
     with open("results.tsv", "a") as f:
         f.write("deadbee\t0.100000\t1.0\tkeep\ta row train.py wrote\n")
+if MODE == "write_tsv_no_newline":
+    with open("results.tsv", "a") as f:
+        f.write("deadbee\t0.100000\t1.0\tkeep\ta row train.py wrote")
+if MODE == "delete_tsv":
+    os.remove("results.tsv")
 if MODE == "git_checkout":  # moves HEAD off the driver's branch
     subprocess.run(["git", "checkout", "-q", "master"], check=True)
 val_bpb = TRUE_BPB + NOISE_STD * random.Random(f"{seed}:{DATA_ORDER}").gauss(0, 1)

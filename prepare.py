@@ -62,6 +62,7 @@ DATA_URL = _env("DATA_URL", CLIMBMIX_URL)       # where shards come from (a mirr
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(CACHE_DIR / "torchinductor")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 VAL_SHARD = 6542                                # the pinned ClimbMix validation shard (the last one)
 DEFAULT_NUM_SHARDS = 10                         # ClimbMix train shards downloaded by default
@@ -79,6 +80,7 @@ BOS_TOKEN = SPECIAL_TOKENS[0]                   # begins every document
 TOKENIZER_MAX_CHARS = 1_000_000_000             # tokenizer training reads at most this much text
 TOKENIZER_DOC_CHARS = 10_000                    # ... and at most this much of each document
 POOL_DOCS = 1000                                # dataloader: documents to choose from per row
+CAUSALITY_RTOL = 1e-3                           # metric: an earlier logit may move this much (x largest logit)
 DATA_ORDER_SEED = 42                            # train order: the same on every run, whatever SEED is
 # GPT-4 style pre-tokenization split, numbers in groups of 1-2 (SPEC §2)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -667,11 +669,15 @@ def make_dataloader(tokenizer, B, T, split):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate_bpb(model, tokenizer, batch_size):
     """Bits per byte on the first EVAL_TOKENS // MAX_SEQ_LEN val rows, whatever batch_size is.
 
-    Sum of per-token cross-entropy (nats) over targets with byte length > 0, divided by
-    ln 2 times the sum of their byte lengths; special tokens count neither loss nor bytes.
+    The model is called as model(x) and returns logits (B, T, V); the cross-entropy is computed
+    here, in fp32, never by the model's own loss code. Sum of per-token cross-entropy (nats) over
+    targets with byte length > 0, divided by ln 2 times the sum of their byte lengths; special
+    tokens count neither loss nor bytes. First, a causality probe on the first batch: a model
+    whose output at a position depends on later tokens gets no score.
     """
     n_rows = EVAL_TOKENS // MAX_SEQ_LEN
     if n_rows == 0:
@@ -684,11 +690,36 @@ def evaluate_bpb(model, tokenizer, batch_size):
     for done in range(0, n_rows, batch_size):
         x, y, _ = next(loader)
         x, y = x[:n_rows - done], y[:n_rows - done]  # the last batch may be partial
-        loss = model(x, y, reduction="none").reshape(-1)
-        nbytes = token_bytes[y.reshape(-1)]
-        total_nats += torch.where(nbytes > 0, loss.double(), 0.0).sum()
+        logits = model(x)
+        if not (isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[:2] == x.shape):
+            fail(f"model(x) must return logits of shape (B, T, vocab) for x of shape {tuple(x.shape)}, "
+                 f"got {tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+        if done == 0:
+            check_causal(model, x, logits, tokenizer.get_vocab_size())
+        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        nbytes = token_bytes[y.flatten()]
+        total_nats += torch.where(nbytes > 0, nats.double(), 0.0).sum()
         total_bytes += nbytes.sum()
     return (total_nats / (math.log(2) * total_bytes)).item()
+
+
+def check_causal(model, x, logits, vocab_size):
+    """Change the tokens after position t in a few rows (t = T/2, then T-2): no logit at a position
+    <= t may move beyond bf16 noise, else the model reads the future and its score means nothing."""
+    T = x.size(1)
+    cuts = [t for t in (T // 2, T - 2)[:x.size(0)] if 0 <= t < T - 1]
+    perturbed = x.clone()
+    for row, t in enumerate(cuts):
+        perturbed[row, t + 1:] = (x[row, t + 1:] + 1) % vocab_size
+    other = model(perturbed)
+    for row, t in enumerate(cuts):
+        before, after = logits[row, :t + 1].float(), other[row, :t + 1].float()
+        moved = (before - after).abs().amax(dim=-1)  # (t + 1,) largest change at each position
+        tolerance = CAUSALITY_RTOL * before.abs().max() + 1e-6
+        if (moved > tolerance).any():
+            position = int((moved > tolerance).nonzero()[0])
+            fail(f"the model's output at position {position} depends on later tokens (changing the tokens "
+                 f"after position {t} moved its logits by {moved[position]:.3g}); attention must stay causal")
 
 
 # ---------------------------------------------------------------------------

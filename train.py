@@ -266,7 +266,9 @@ class GPT(nn.Module):
         attention = sum(12 * self.config.n_embd * min(w, T) for w in self.windows)
         return 6 * matmul_params + attention
 
-    def forward(self, idx, targets=None, reduction="mean"):
+    def forward(self, idx, targets=None):
+        """Logits (B, T, V) (the metric computes its own cross-entropy from them), or with targets
+        the mean training loss."""
         B, T = idx.shape
         assert T <= self.config.sequence_len, f"sequence of {T} tokens > model's {self.config.sequence_len}"
         cos, sin = self.cos[:, :T], self.sin[:, :T]
@@ -281,7 +283,7 @@ class GPT(nn.Module):
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction=reduction)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
 # ---------------------------------------------------------------------------
@@ -555,12 +557,12 @@ def main():
               f"tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.1f}% | epoch: {epoch} | remaining: {remaining:.0f}s    ",
               end="", flush=True)
 
-    def warm_up_eval(x, y):
-        """Compile the eval graph (no grad, reduction='none', full and last partial batch) while uncounted."""
+    def warm_up_eval(x):
+        """Compile the eval graph (no grad, logits, full and last partial batch) while uncounted."""
         eval_rows = EVAL_TOKENS // MAX_SEQ_LEN
         with torch.no_grad(), autocast:
             for rows in {min(DEVICE_BATCH_SIZE, eval_rows), eval_rows % DEVICE_BATCH_SIZE} - {0}:
-                model(x[:rows], y[:rows], reduction="none")
+                model(x[:rows])
 
     step, pending = 0, None
     startup_seconds = time.time() - T_START
@@ -579,7 +581,7 @@ def main():
         raw_model.zero_grad(set_to_none=True)
         loss_host[step % 2].copy_(loss_sum / grad_accum_steps, non_blocking=True)
         if step == 0:
-            warm_up_eval(x, y)
+            warm_up_eval(x)
         end = mark()
         if pending is not None:
             finish_step(*pending)

@@ -56,16 +56,17 @@ def byte_lengths(tokenizer):
 class UniformModel(torch.nn.Module):
     """Predicts every token with probability 1/V: the per-token loss is ln V."""
 
-    def forward(self, x, y, reduction="mean"):
-        assert reduction == "none" and not torch.is_grad_enabled()
-        return torch.full(x.shape, math.log(8192), dtype=torch.float32)
+    def forward(self, x):
+        assert not torch.is_grad_enabled()
+        return torch.zeros(*x.shape, 8192)
 
 
 class TokenDependentModel(torch.nn.Module):
-    """A loss that depends on both the input and the target token: rows must line up exactly."""
+    """Logits that depend on the input token and the vocabulary entry: the cross-entropy then
+    depends on input and target, so rows must line up exactly. Causal (position by position)."""
 
-    def forward(self, x, y, reduction="mean"):
-        return ((x * 31 + y) % 97).float().reshape(-1) / 10  # (B*T,) is accepted too
+    def forward(self, x):
+        return ((x[..., None] * 31 + torch.arange(8192)) % 97).float() / 10
 
 
 def test_uniform_model_scores_log2_vocab_times_tokens_per_byte(small_eval):
@@ -78,16 +79,19 @@ def test_uniform_model_scores_log2_vocab_times_tokens_per_byte(small_eval):
 
 
 def test_special_tokens_count_neither_tokens_nor_bytes(small_eval):
-    tokenizer = small_eval.Tokenizer.from_directory()
+    _, y, tokenizer = first_val_rows(small_eval)
     bos = tokenizer.get_bos_token_id()
     assert small_eval.get_token_bytes()[bos] == 0
 
-    class HugeLossOnBos(torch.nn.Module):
-        def forward(self, x, y, reduction="mean"):
-            return torch.where(y == bos, 1e6, math.log(8192))
+    class NeverBos(torch.nn.Module):  # BOS targets cost ~30 nats each; they must not count
+        def forward(self, x):
+            logits = torch.zeros(*x.shape, 8192)
+            logits[..., bos] = -30.0
+            return logits
 
-    uniform = small_eval.evaluate_bpb(UniformModel(), tokenizer, 5)
-    assert small_eval.evaluate_bpb(HugeLossOnBos(), tokenizer, 5) == pytest.approx(uniform, rel=1e-6)
+    nbytes = byte_lengths(tokenizer)[y]
+    expected = math.log(8191 + math.exp(-30)) / math.log(2) * int((nbytes > 0).sum()) / int(nbytes.sum())
+    assert small_eval.evaluate_bpb(NeverBos(), tokenizer, 5) == pytest.approx(expected, rel=1e-6)
 
 
 def test_token_bytes_table_matches_the_encoding(prepared):
@@ -102,10 +106,10 @@ def test_metric_is_exact_and_independent_of_batch_size(small_eval):
     x, y, tokenizer = first_val_rows(small_eval)
     model = TokenDependentModel()
     nbytes = byte_lengths(tokenizer)[y].reshape(-1)
-    loss = model(x, y, reduction="none").double()
+    loss = torch.nn.functional.cross_entropy(model(x).double().flatten(0, 1), y.flatten(), reduction="none")
     expected = loss[nbytes > 0].sum().item() / (math.log(2) * nbytes.sum().item())
     results = [small_eval.evaluate_bpb(model, tokenizer, b) for b in (1, 3, 7, 7, 13, 64)]
-    assert results[0] == pytest.approx(expected, rel=1e-12)
+    assert results[0] == pytest.approx(expected, rel=1e-6)  # fp32 cross-entropy vs a float64 reference
     assert len(set(results)) == 1  # identical for every batch size, and on a second call
 
 
@@ -133,3 +137,91 @@ def test_constants_and_their_environment_overrides(tmp_path):
     bad = run({**env, "AUTORESEARCH_EVAL_TOKENS": "lots"})
     assert bad.returncode == 1
     assert bad.stderr.strip() == "error: AUTORESEARCH_EVAL_TOKENS='lots' must be a positive whole number"
+
+
+# ---------------------------------------------------------------------------
+# The cross-entropy from logits, and the causality probe, on train.py's own model
+# ---------------------------------------------------------------------------
+
+def old_evaluate_bpb(prepare, model, tokenizer, batch_size):
+    """The metric before issue 9, verbatim but for the call: it trusted the model's own per-token
+    losses, model(x, y, reduction="none")."""
+    n_rows = prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN
+    loader = prepare.make_dataloader(tokenizer, batch_size, prepare.MAX_SEQ_LEN, "val")
+    token_bytes = prepare.get_token_bytes("cpu")
+    total_nats = torch.zeros((), dtype=torch.float64)
+    total_bytes = torch.zeros((), dtype=torch.float64)
+    for done in range(0, n_rows, batch_size):
+        x, y, _ = next(loader)
+        x, y = x[:n_rows - done], y[:n_rows - done]
+        loss = model(x, y, reduction="none").reshape(-1)
+        nbytes = token_bytes[y.reshape(-1)]
+        total_nats += torch.where(nbytes > 0, loss.double(), 0.0).sum()
+        total_bytes += nbytes.sum()
+    return (total_nats / (math.log(2) * total_bytes)).item()
+
+
+@pytest.fixture
+def gpt(small_eval, monkeypatch):
+    """train.py's model, small (2 layers, dim 64), weights scaled up so the logits say something."""
+    import train
+    for name, value in (("DEPTH", 2), ("ASPECT_RATIO", 32), ("HEAD_DIM", 32)):
+        monkeypatch.setattr(train, name, value)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = train.GPT(train.make_config(8192, T))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    with torch.no_grad():  # as after some training: the output projections start at zero
+        model.lm_head.weight.normal_(0, 0.05)
+        for block in model.blocks:
+            block.attn.c_proj.weight.normal_(0, 0.1)
+            block.mlp.c_proj.weight.normal_(0, 0.02)
+    return train, model
+
+
+def test_metric_from_logits_equals_the_models_own_per_token_losses(small_eval, gpt):
+    train, model = gpt
+
+    class OwnLoss(torch.nn.Module):  # the per-token losses train.py's loss code used to return
+        def forward(self, x, y, reduction):
+            logits = model(x)
+            return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1),
+                                                     ignore_index=-1, reduction=reduction)
+
+    tokenizer = small_eval.Tokenizer.from_directory()
+    with torch.no_grad():
+        old = old_evaluate_bpb(small_eval, OwnLoss(), tokenizer, 4)
+    new = small_eval.evaluate_bpb(model, tokenizer, 4)
+    assert 1.0 < new < 20 and new == pytest.approx(old, rel=1e-6)
+
+
+def test_the_causality_probe_passes_the_baseline_and_refuses_leaky_attention(small_eval, gpt, monkeypatch):
+    train, model = gpt
+    tokenizer = small_eval.Tokenizer.from_directory()
+    assert small_eval.evaluate_bpb(model, tokenizer, 4) > 0  # the causal baseline passes
+    causal = train.causal_attention
+
+    def bidirectional(q, k, v, window, block_mask=None):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def sees_the_next_key(q, k, v, window, block_mask=None):  # an off-by-one window mask
+        pos = torch.arange(q.size(-2))
+        offset = pos[:, None] - pos[None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(offset >= -1) & (offset <= window))
+
+    for leaky in (bidirectional, sees_the_next_key):
+        monkeypatch.setattr(train, "causal_attention", leaky)
+        with pytest.raises(SystemExit, match="the model's output at position \\d+ depends on later tokens"):
+            small_eval.evaluate_bpb(model, tokenizer, 4)
+    monkeypatch.setattr(train, "causal_attention", causal)
+    assert small_eval.evaluate_bpb(model, tokenizer, 4) > 0
+
+
+def test_a_model_that_returns_no_logits_is_told_what_the_metric_needs(small_eval):
+    class LossOnly(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.numel())
+
+    with pytest.raises(SystemExit, match=r"model\(x\) must return logits of shape \(B, T, vocab\)"):
+        small_eval.evaluate_bpb(LossOnly(), small_eval.Tokenizer.from_directory(), 4)

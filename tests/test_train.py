@@ -139,17 +139,17 @@ def test_value_embedding_is_gated_per_head_by_the_leading_channels(monkeypatch):
     torch.testing.assert_close(closed[0, 0, :32], torch.zeros(32), atol=1e-4, rtol=0)
 
 
-def test_forward_returns_per_token_losses_for_the_metric(monkeypatch):
+def test_forward_returns_soft_capped_logits_or_the_mean_loss(monkeypatch):
     torch.manual_seed(0)
     model = build(small_config(monkeypatch))
     x, y = torch.randint(0, 256, (3, 64)), torch.randint(0, 256, (3, 64))
-    per_token = model(x, y, reduction="none")
-    assert per_token.shape == (3 * 64,)
-    assert per_token.mean().item() == pytest.approx(model(x, y).item(), rel=1e-5)
-    # lm_head starts near zero, so the first loss is close to that of a uniform model
-    assert per_token.mean().item() == pytest.approx(math.log(256), abs=0.05)
     logits = model(x)
+    assert logits.shape == (3, 64, 256) and logits.dtype == torch.float32
     assert logits.abs().max().item() <= train.SOFTCAP
+    loss = model(x, y)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
+    # lm_head starts near zero, so the first loss is close to that of a uniform model
+    assert loss.item() == pytest.approx(math.log(256), abs=0.05)
 
 
 # ---------------------------------------------------------------------------
@@ -489,10 +489,10 @@ def parse_summary(stdout):
 
 
 UNIFORM_BPB = """
-import math, torch, prepare
+import torch, prepare
 class Uniform(torch.nn.Module):
-    def forward(self, x, y, reduction="none"):
-        return torch.full(y.shape, math.log(prepare.VOCAB_SIZE))
+    def forward(self, x):
+        return torch.zeros(*x.shape, prepare.VOCAB_SIZE)
 print(prepare.evaluate_bpb(Uniform(), prepare.Tokenizer.from_directory(), 4))
 """
 

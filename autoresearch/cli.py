@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from autoresearch import decisions, llm, loop, records, training
+from autoresearch import decisions, llm, loop, records, sandbox, training
 from autoresearch.records import Best, JournalDamaged, Night, git
 from autoresearch.report import report
 
@@ -63,6 +63,10 @@ def parser():
     p.add_argument("--pass-env", action="append", default=[], metavar="NAME",
                    help="also pass this environment variable to train.py (repeatable; by default it gets "
                         "only PATH, HOME, locale, CUDA/NVIDIA/TORCH/TRITON/OMP and AUTORESEARCH_* variables)")
+    p.add_argument("--sandbox", choices=("auto", "on", "off"), default="auto",
+                   help="run train.py inside bubblewrap: own PID namespace, no network, read-only files but its "
+                        "run directory and the compile cache (auto: when bwrap works, else say so; default: auto)")
+    p.add_argument("--allow-network", action="store_true", help="let train.py use the network inside the sandbox")
     p.add_argument("--allow-cpu", action="store_true",
                    help="run without a CUDA GPU (tests, small AUTORESEARCH_* settings); the defaults "
                         "would time out every run on a CPU")
@@ -81,13 +85,16 @@ def drive(args):
     """Check, start or resume, then the loop; SIGTERM and SIGHUP end it like Ctrl-C."""
     repo = Path(git(Path.cwd(), "rev-parse", "--show-toplevel"))
     prepare, settings, hashes = check_repo(args, repo)
-    check_cuda(args.allow_cpu)
+    cuda = check_cuda(args.allow_cpu)
     client = llm.make_client()
     llm.check_access(client, args.model)
+    box = sandbox.choose(args.sandbox, args.allow_network, repo, cuda)
     night, run_dir = open_night(args, repo, settings, hashes)
+    night.sandbox = box.describe()
+    records.save_night(run_dir / "journal.json", night)
     ctx = loop.Context(repo=repo, run_dir=run_dir, tag=args.tag, model=args.model, client=client, prepare=prepare,
                        greedy=args.greedy, noise_runs=1 if args.greedy else max(1, args.noise_runs),
-                       fix_attempts=args.fix_attempts, pass_env=tuple(args.pass_env),
+                       fix_attempts=args.fix_attempts, pass_env=tuple(args.pass_env), sandbox=box,
                        timeout_s=args.timeout or training.default_timeout_s(settings["time_budget"]),
                        max_experiments=args.max_experiments, deadline=parse_deadline(args.deadline),
                        max_cost=args.max_cost)
@@ -98,7 +105,7 @@ def drive(args):
     rule = "greedy (keep if lower)" if ctx.greedy else \
         f"noise-aware, {ctx.noise_runs} baseline runs, margin {decisions.CONFIRM_K} sigma"
     print(f"run {args.tag} on branch {night.branch}: model {args.model}, {rule}, timeout "
-          f"{ctx.timeout_s:.0f} s; noise floor sigma = "
+          f"{ctx.timeout_s:.0f} s, sandbox {night.sandbox}; noise floor sigma = "
           f"{night.sigma if night.sigma is not None else 'not measured yet'}", flush=True)
     withheld = training.withheld_names(ctx.pass_env)
     if withheld:
@@ -161,14 +168,16 @@ def check_repo(args, repo):
 
 
 def check_cuda(allow_cpu):
+    """True with a CUDA GPU (its device nodes exist from here on); without one, stop unless allowed."""
     import torch
     if torch.cuda.is_available():
-        return
+        return True
     if not allow_cpu:
         raise SystemExit("autoresearch: no CUDA GPU found (torch.cuda.is_available() is False): at the default "
                          "settings every run would time out on a CPU. Pass --allow-cpu to run anyway (with small "
                          "AUTORESEARCH_* settings and CAPS constants).")
     print("note: no CUDA GPU: training runs on the CPU (--allow-cpu)", flush=True)
+    return False
 
 
 def load_prepare(repo):

@@ -35,6 +35,7 @@ class Context:
     fix_attempts: int
     timeout_s: float
     pass_env: tuple
+    sandbox: object                # sandbox.Sandbox: bubblewrap around every training run, or off
     max_experiments: int | None
     deadline: float | None
     max_cost: float
@@ -248,8 +249,8 @@ def one_run(ctx, night, p, role, seed):
     commit = night.best.commit if role == "best" else p.commit
     git(repo, "checkout", "-q", commit, "--", "train.py")
     log_path = Path(p.dir) / ("train.log" if not p.runs else f"train-{len(p.runs) + 1}.log")
-    result = training.run_training(repo, log_path, seed, ctx.timeout_s, night.settings,
-                                   ctx.run_dir / "training.pid", ctx.pass_env)
+    result = training.run_training(repo, log_path, seed, ctx.timeout_s, night.settings, ctx.run_dir / "training.pid",
+                                   ctx.pass_env, ctx.sandbox, ctx.prepare.CACHE_DIR)
     tampered = undo_tampering(ctx, night, p.commit)  # first: a checkout in train.py can swap prepare.py too
     check_metric_unchanged(ctx, night, p, log_path)
     if tampered:

@@ -92,6 +92,7 @@ class Night:
     wins_rejected: int
     spend: dict               # usd and token counts of every LLM reply
     pending: Experiment | None
+    sandbox: str = ""         # how training runs: "bubblewrap, no network", "off" (said at every start)
 
     @property
     def best_vals(self):

@@ -60,6 +60,7 @@ def report(tsv_path, journal_path=None, png_path=None):
     lines.append(f"wins rejected as not confirmed: {rejected}")
     if night:
         gpu, spend = night.gpu_s, night.spend
+        lines.append(f"sandbox: {night.sandbox or 'not recorded (a driver before the sandbox)'}")
         lines.append(f"GPU time: {gpu['total'] / 3600:.2f} h, of which noise handling "
                      f"{gpu['noise'] / 3600:.2f} h ({gpu['noise'] / max(gpu['total'], 1e-9):.0%})")
         lines.append(f"spend: ${spend['usd']:.2f} ({spend.get('input', 0)} input, "

@@ -44,11 +44,10 @@ def passes(name, pass_env=()):
     return name in PASS_ENV_NAMES or name.startswith(PASS_ENV_PREFIXES) or name in pass_env
 
 
-def training_env(seed, pass_env=()):
-    """An allow-list of the driver's environment (see PASS_ENV_*), plus the seed."""
+def training_env(seed, pass_env=(), extra=None):
+    """An allow-list of the driver's environment (see PASS_ENV_*), plus the seed (and `extra`)."""
     env = {k: v for k, v in os.environ.items() if passes(k, pass_env)}
-    env["AUTORESEARCH_SEED"] = str(seed)
-    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {}, AUTORESEARCH_SEED=str(seed), PYTHONUNBUFFERED="1")
     return env
 
 
@@ -130,13 +129,19 @@ def summary_failure(log_text, returncode, settings, seed):
     return ""
 
 
-def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=()):
-    """Run `python train.py` time-boxed and judge its summary."""
+def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(), sandbox=None, cache_dir=None):
+    """Run `python train.py` time-boxed (in the sandbox, when there is one: writable are only the
+    log's directory and the compile cache) and judge its summary."""
     start = time.time()
+    argv, extra = [sys.executable, "train.py"], {}
+    if sandbox and sandbox.bwrap:
+        compile_cache = Path(cache_dir) / "torchinductor"
+        (compile_cache / "triton-home").mkdir(parents=True, exist_ok=True)
+        extra = {"AUTORESEARCH_CACHE": str(cache_dir), "TRITON_CACHE_DIR": str(compile_cache / "triton-home")}
+        argv = sandbox.wrap(argv, repo, readable=[cache_dir], writable=[Path(log_path).parent, compile_cache])
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "train.py"], cwd=repo, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=training_env(seed, pass_env), start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=repo, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=training_env(seed, pass_env, extra), start_new_session=True)
         write_atomic(pid_file, str(proc.pid))
         timed_out = False
         try:

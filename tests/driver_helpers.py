@@ -3,6 +3,7 @@ tmp_path holding the driver (driver.py and the package autoresearch/) with stand
 prepare.py / train.py, and small helpers."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,9 @@ def repo(tmp_path, fake, monkeypatch):
 
 STANDIN_ENV = ["--pass-env", "STANDIN_GRANDCHILD_FILE", "--pass-env", "STANDIN_ONCE_FILE",
                "--pass-env", "STANDIN_PID_FILE"]  # the stand-in's knobs reach it only when passed
+# CPU, no sandbox (the stand-in writes its pid and marker files into tmp_path; test_sandbox.py
+# runs with --sandbox on)
+DRIVER_ARGS = ["--allow-cpu", "--sandbox", "off", *STANDIN_ENV]
 
 
 @pytest.fixture
@@ -81,7 +85,7 @@ def journal(repo):
 
 def run(*args):
     """The driver in-process on the test repo (CPU: --allow-cpu)."""
-    return cli.main(["--tag", "t", "--allow-cpu", *STANDIN_ENV, *args])
+    return cli.main(["--tag", "t", *DRIVER_ARGS, *args])
 
 
 def rows(repo):
@@ -102,3 +106,39 @@ def pid_gone(pid):
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+# ---------------------------------------------------------------------------
+# The real train.py and prepare.py in the test repository (CPU, small settings)
+# ---------------------------------------------------------------------------
+
+SMALL_TRAIN = {"DEPTH": "2", "ASPECT_RATIO": "32", "HEAD_DIM": "32", "TOTAL_BATCH_SIZE": "1024", "WARMUP_STEPS": "2",
+               "DEVICE_BATCH_SIZE": "4"}
+
+
+def use_real_train_py(repo, prepared_cache, monkeypatch):
+    """Commit the real prepare.py and train.py (small CAPS constants) in the repo, settings for a
+    2-second CPU run; returns train.py's MATRIX_LR line (for an edit)."""
+    shutil.copy(MAIN / "prepare.py", repo)
+    source = (MAIN / "train.py").read_text()
+    for name, value in SMALL_TRAIN.items():
+        source, n = re.subn(rf"^{name} = [^#\n]*?(\s*#|$)", rf"{name} = {value}\1", source, count=1, flags=re.M)
+        assert n == 1, f"{name} not found in train.py"
+    (repo / "train.py").write_text(source)
+    git(repo, "commit", "-q", "-am", "real train.py, small")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(prepared_cache))
+    monkeypatch.setenv("AUTORESEARCH_MAX_SEQ_LEN", "128")
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "2")
+    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", str(16 * 128))
+    return next(line for line in source.splitlines() if line.startswith("MATRIX_LR = "))
+
+
+def check_real_runs(repo, fake):
+    """The baseline kept, the LLM's edit run and decided, both with plausible val_bpb."""
+    r = rows(repo)
+    assert r[0]["status"] == "keep", (repo / "runs/t/0000/train.log").read_text()[-3000:]
+    assert r[1]["status"] in ("keep", "discard"), (repo / "runs/t/0001/train.log").read_text()[-3000:]
+    assert all(0 < float(x["val_bpb"]) < 20 for x in r)
+    assert "MATRIX_LR = 0.03" in (repo / "runs/t/0001/diff.patch").read_text()
+    system = json.dumps(fake.requests[0]["system"])
+    assert "TIME_BUDGET = " in system and "def make_dataloader" in system

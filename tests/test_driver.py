@@ -3,7 +3,6 @@ server, a real git repository in tmp_path and stand-in training scripts.
 Run: python -m pytest tests/test_driver.py"""
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +10,8 @@ import time
 
 import pytest
 
-from driver_helpers import (BASE_LINE, MAIN, MODE_LINE, STANDIN_ENV, STANDINS, branch_log, fake, git,  # noqa: F401
-                            pid_gone, repo, rows, run)
+from driver_helpers import (BASE_LINE, MODE_LINE, DRIVER_ARGS, STANDINS, branch_log, check_real_runs,  # noqa: F401
+                            fake, git, pid_gone, repo, rows, run, use_real_train_py)
 from autoresearch import cli, llm, loop, records, training
 from autoresearch.report import report
 from fake_anthropic import drop, edit, error, slow
@@ -261,7 +260,7 @@ def test_report_on_a_sample_results_tsv(tmp_path, capsys):
 def start_driver(repo, tmp_path, *args):
     """The driver as a real process (for kill -9 and Ctrl-C), output to tmp_path/driver.out."""
     out = open(tmp_path / "driver.out", "ab")
-    return subprocess.Popen([sys.executable, "driver.py", "--tag", "t", "--allow-cpu", *STANDIN_ENV, *args], cwd=repo,
+    return subprocess.Popen([sys.executable, "driver.py", "--tag", "t", *DRIVER_ARGS, *args], cwd=repo,
                             stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -327,37 +326,13 @@ def test_ctrl_c_stops_training_cleanly_and_resumes(repo, fake, tmp_path, slow_on
 # The real train.py through the whole loop (CPU, small settings; uses prepared_cache)
 # ---------------------------------------------------------------------------
 
-SMALL_TRAIN = {"DEPTH": "2", "ASPECT_RATIO": "32", "HEAD_DIM": "32", "TOTAL_BATCH_SIZE": "1024", "WARMUP_STEPS": "2",
-               "DEVICE_BATCH_SIZE": "4"}
-
-
 def test_real_train_py_through_the_whole_loop(repo, fake, prepared_cache, monkeypatch):
     """THE REAL train.py and prepare.py (small CAPS constants, 2 s budget, CPU): baseline, one
     LLM edit, commit, run, parse, decide, row."""
-    import re
-    shutil.copy(MAIN / "prepare.py", repo)
-    source = (MAIN / "train.py").read_text()
-    for name, value in SMALL_TRAIN.items():
-        source, n = re.subn(rf"^{name} = [^#\n]*?(\s*#|$)", rf"{name} = {value}\1", source, count=1, flags=re.M)
-        assert n == 1, f"{name} not found in train.py"
-    (repo / "train.py").write_text(source)
-    git(repo, "commit", "-q", "-am", "real train.py, small")
-    monkeypatch.setenv("AUTORESEARCH_CACHE", str(prepared_cache))
-    monkeypatch.setenv("AUTORESEARCH_MAX_SEQ_LEN", "128")
-    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "2")
-    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", str(16 * 128))
-    lr_line = next(l for l in source.splitlines() if l.startswith("MATRIX_LR = "))
+    lr_line = use_real_train_py(repo, prepared_cache, monkeypatch)
     fake.replies += [edit("lower Muon lr", (lr_line, lr_line.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.03")))]
     assert run("--max-experiments", "1", "--greedy", "--timeout", "300", "--fix-attempts", "0") == 0
-    r = rows(repo)
-    log = (repo / "runs/t/0000/train.log").read_text()
-    assert [x["status"] for x in r][0] == "keep", log[-3000:]
-    assert r[1]["status"] in ("keep", "discard"), (repo / "runs/t/0001/train.log").read_text()[-3000:]
-    for x in r:
-        assert 0 < float(x["val_bpb"]) < 20
-    assert "MATRIX_LR = 0.03" in (repo / "runs/t/0001/diff.patch").read_text()
-    assert "TIME_BUDGET = " in json.dumps(fake.requests[0]["system"]) and "def make_dataloader" in json.dumps(
-        fake.requests[0]["system"])
+    check_real_runs(repo, fake)
 
 
 class Killed(BaseException):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from driver_helpers import (BASE_LINE, MODE_LINE, STANDIN_ENV, branch_log, fake, git, journal, noisy,  # noqa: F401
+from driver_helpers import (BASE_LINE, MODE_LINE, DRIVER_ARGS, branch_log, fake, git, journal, noisy,  # noqa: F401
                             pid_gone, repo, rows, run)
 from fake_anthropic import cut_short, edit, error, html_page, not_a_message
 from autoresearch import cli, decisions, llm, loop, records
@@ -297,7 +297,7 @@ def test_sigterm_and_sighup_end_the_training_group_and_resume(repo, fake, tmp_pa
     monkeypatch.setenv("STANDIN_PID_FILE", str(pid_file))
     fake.replies += [edit("slow but good", (MODE_LINE, 'MODE = "slow_once"'), (BASE_LINE, "TRUE_BPB = 0.990000"))]
     out = open(tmp_path / "driver.out", "ab")
-    command = [sys.executable, "driver.py", "--tag", "t", "--allow-cpu", *STANDIN_ENV, "--max-experiments", "1",
+    command = [sys.executable, "driver.py", "--tag", "t", *DRIVER_ARGS, "--max-experiments", "1",
                "--greedy"]
     proc = subprocess.Popen(command, cwd=repo, stdout=out, stderr=subprocess.STDOUT)
     for _ in range(600):
@@ -342,7 +342,7 @@ def test_under_nohup_sighup_stays_ignored(repo, fake, tmp_path, monkeypatch):
     monkeypatch.setenv("STANDIN_PID_FILE", str(pid_file))
     fake.replies += [edit("slow", (MODE_LINE, 'MODE = "slow_once"'), (BASE_LINE, "TRUE_BPB = 0.990000"))]
     once.write_text("x")  # the stand-in does not sleep: the run just has to finish
-    proc = subprocess.Popen([sys.executable, "driver.py", "--tag", "t", "--allow-cpu", *STANDIN_ENV,
+    proc = subprocess.Popen([sys.executable, "driver.py", "--tag", "t", *DRIVER_ARGS,
                              "--max-experiments", "1", "--greedy"], cwd=repo, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     for _ in range(600):

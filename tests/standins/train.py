@@ -56,6 +56,37 @@ if MODE == "delete_tsv":
     os.remove("results.tsv")
 if MODE == "git_checkout":  # moves HEAD off the driver's branch
     subprocess.run(["git", "checkout", "-q", "master"], check=True)
+if MODE == "probe_sandbox":  # what a careless train.py could reach, each attempt reported
+    import socket
+
+    def can(action):
+        try:
+            action()
+            return True
+        except OSError:
+            return False
+
+    def proc_environs():
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                yield environ.read_bytes()
+            except OSError:
+                continue
+    own_dir = Path(os.readlink("/proc/self/fd/1")).parent  # stdout is the run's log
+    needle = "sk-ant-test-secret"  # the driver's ANTHROPIC_API_KEY in the tests
+    found = {
+        "secret_in_env": any(needle in v for v in os.environ.values()),
+        "secret_in_proc": any(needle.encode() in e for e in proc_environs()),
+        "write_results_tsv": can(lambda: open("results.tsv", "a").close()),
+        "write_journal": can(lambda: open("runs/t/journal.json", "a").close()),
+        "write_git": can(lambda: (Path(".git/probe").write_text("x"), Path(".git/probe").unlink())),
+        "write_prepare_py": can(lambda: open("prepare.py", "a").close()),
+        "write_tokens": can(lambda: open(prepare.CACHE_DIR / "val.bin", "a").close()),
+        "write_own_dir": can(lambda: (own_dir / "probe.txt").write_text("x")),
+        "write_compile_cache": can(lambda: (prepare.CACHE_DIR / "torchinductor" / "probe").write_text("x")),
+        "tcp_loopback": can(lambda: socket.create_connection(("127.0.0.1", int(os.environ["STANDIN_PORT"])), 2)),
+    }
+    print("sandbox-probe: " + json.dumps(found), flush=True)
 val_bpb = TRUE_BPB + NOISE_STD * random.Random(f"{seed}:{DATA_ORDER}").gauss(0, 1)
 if MODE == "negative":
     val_bpb = -0.5

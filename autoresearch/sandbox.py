@@ -1,0 +1,103 @@
+"""The sandbox around every training run: bubblewrap (bwrap), where it is installed and works.
+
+train.py is written by an LLM and runs unattended. Inside the sandbox it has its own PID
+namespace (it cannot see or signal the driver, or read its environment through /proc), no
+network unless --allow-network, a private /tmp, and a read-only view of the whole file system
+except the experiment's own run directory and the compile cache. What CUDA needs stays
+available: the /dev/nvidia* (and /dev/dri) device nodes are bound in, the driver's libraries,
+/sys and /proc/driver/nvidia are readable. Paths under /tmp that the run reads (the repository,
+the prepared data, the Python environment) are bound back in read-only.
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+BWRAP = "bwrap"
+PROBE_TIMEOUT_S = 30.0
+INSTALL_HINT = "install bubblewrap (apt install bubblewrap, dnf install bubblewrap)"
+DEVICE_GLOBS = ("/dev/nvidia*", "/dev/nvidia-caps", "/dev/dri", "/dev/dxg")
+
+
+@dataclass
+class Sandbox:
+    """How training runs: in bubblewrap (`bwrap` is its path) or not (bwrap is None)."""
+    bwrap: str | None
+    allow_network: bool = False
+
+    def describe(self):
+        if not self.bwrap:
+            return "off"
+        return "bubblewrap" + (", network allowed" if self.allow_network else ", no network")
+
+    def wrap(self, argv, cwd, readable=(), writable=()):
+        """argv run inside the sandbox (unchanged when it is off), cwd and `readable` read-only,
+        `writable` (which must exist) writable."""
+        if not self.bwrap:
+            return list(argv)
+        args = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+                "--unshare-pid", "--unshare-ipc", "--die-with-parent"]
+        if not self.allow_network:
+            args.append("--unshare-net")
+        for device in sorted({d for pattern in DEVICE_GLOBS for d in glob.glob(pattern)}):
+            args += ["--dev-bind", device, device]
+        for path in hidden_by_private_tmp([cwd, *readable, *python_paths()]):
+            args += ["--ro-bind", path, path]
+        for path in writable:
+            args += ["--bind", str(path), str(path)]
+        return args + ["--chdir", str(cwd), "--", *argv]
+
+
+def python_paths():
+    """Where this Python and its packages live (train.py runs with the same interpreter)."""
+    return [sys.prefix, sys.base_prefix, os.path.dirname(sys.executable), *sys.path,
+            *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+
+
+def hidden_by_private_tmp(paths):
+    """The existing directories among `paths` that the sandbox's empty /tmp would hide, outermost
+    first and without those inside another (binding those is enough)."""
+    found = sorted({str(Path(p).resolve()) for p in paths
+                    if p and Path(p).is_dir() and Path(p).resolve().is_relative_to("/tmp")})
+    found = [p for p in found if Path(p) != Path("/tmp")]
+    return [p for i, p in enumerate(found) if not any(Path(p).is_relative_to(q) for q in found[:i])]
+
+
+def choose(mode, allow_network, cwd, cuda=False):
+    """The sandbox for --sandbox auto|on|off: a trivial command run inside decides whether it works
+    (a kernel without unprivileged user namespaces, a container that forbids them; with `cuda`, a
+    GPU that is not visible inside); `on` refuses to start without it, `auto` says so in one line
+    and runs unsandboxed."""
+    if mode == "off":
+        return Sandbox(None)
+    bwrap = shutil.which(BWRAP)
+    problem = probe(Sandbox(bwrap, allow_network), cwd, cuda) if bwrap else f"{BWRAP} is not installed"
+    if not problem:
+        return Sandbox(bwrap, allow_network)
+    if mode == "on":
+        raise SystemExit(f"autoresearch: --sandbox on, but the sandbox does not work here: {problem}; "
+                         f"{INSTALL_HINT}, or pass --sandbox off")
+    print(f"note: training runs are NOT sandboxed ({problem}); {INSTALL_HINT} to sandbox them", flush=True)
+    return Sandbox(None)
+
+
+def probe(sandbox, cwd, cuda=False):
+    """Why the sandbox cannot run a Python one-liner here (with `cuda`: one that finds the GPU
+    through torch); "" when it can."""
+    with tempfile.TemporaryDirectory(prefix="autoresearch-probe-") as scratch:
+        check = "import torch; assert torch.cuda.device_count() > 0, 'no GPU inside the sandbox'; " if cuda else ""
+        argv = [sys.executable, "-c", check + f"open({os.path.join(scratch, 'ok')!r}, 'w').write('ok')"]
+        try:
+            proc = subprocess.run(sandbox.wrap(argv, cwd, writable=[scratch]), capture_output=True, text=True,
+                                  timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"{BWRAP} could not be run: {error}"
+        if proc.returncode != 0 or not os.path.exists(os.path.join(scratch, "ok")):
+            last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+            return f"{BWRAP} failed: {last}"
+    return ""

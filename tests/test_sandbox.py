@@ -1,0 +1,121 @@
+"""The sandbox around training runs (issue 9): bubblewrap with its own PID namespace, no network,
+read-only files but the run's own directory and the compile cache. These tests need a working
+bwrap; CI installs it and sets AUTORESEARCH_REQUIRE_SANDBOX=1, so there they fail instead of
+skipping. Run: python -m pytest tests/test_sandbox.py"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from driver_helpers import (BASE_LINE, MAIN, MODE_LINE, STANDIN_ENV, check_real_runs, fake, repo, rows,  # noqa: F401
+                            use_real_train_py)
+from fake_anthropic import edit
+from autoresearch import cli, sandbox
+
+WORKS = bool(shutil.which("bwrap")) and not sandbox.probe(sandbox.Sandbox(shutil.which("bwrap")), MAIN)
+needs_bwrap = pytest.mark.skipif(not WORKS and not os.environ.get("AUTORESEARCH_REQUIRE_SANDBOX"),
+                                 reason="bubblewrap is not installed or does not work here")
+
+
+def run(*args):
+    return cli.main(["--tag", "t", "--allow-cpu", *STANDIN_ENV, *args])
+
+
+@pytest.fixture
+def secret_holder():
+    """A process of this user with the driver's secret in its environment (the in-process driver's
+    own /proc/<pid>/environ shows the environment pytest started with)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                            env={**os.environ, "ANTHROPIC_API_KEY": "sk-ant-test-secret"})
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def listener():
+    """A TCP server on loopback that the sandboxed train.py must not reach."""
+    server = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=lambda: [server.accept() for _ in range(10)], daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+
+
+def probe_report(repo, experiment="0001"):
+    log = (repo / f"runs/t/{experiment}/train.log").read_text()
+    return json.loads(log.split("sandbox-probe: ")[1].split("\n")[0])
+
+
+@needs_bwrap
+def test_a_sandboxed_train_py_reaches_nothing_but_its_run_directory(repo, fake, listener, secret_holder, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setenv("STANDIN_PORT", str(listener))
+    fake.replies += [edit("probe", (MODE_LINE, 'MODE = "probe_sandbox"'), (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    assert run("--max-experiments", "1", "--greedy", "--sandbox", "on", "--pass-env", "STANDIN_PORT") == 0
+    assert probe_report(repo) == {
+        "secret_in_env": False, "secret_in_proc": False, "write_results_tsv": False, "write_journal": False,
+        "write_git": False, "write_prepare_py": False, "write_tokens": False, "write_own_dir": True,
+        "write_compile_cache": True, "tcp_loopback": False}
+    assert [x["status"] for x in rows(repo)] == ["keep", "keep"]  # it trained and printed its summary
+    out = capsys.readouterr().out
+    assert "sandbox bubblewrap, no network" in out
+
+
+@needs_bwrap
+def test_the_same_train_py_without_the_sandbox_reaches_everything(repo, fake, listener, secret_holder, monkeypatch):
+    """The probe can tell: unsandboxed, the driver's secret and its records are within reach."""
+    monkeypatch.setenv("STANDIN_PORT", str(listener))
+    fake.replies += [edit("probe", (MODE_LINE, 'MODE = "probe_sandbox"'), (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    assert run("--max-experiments", "1", "--greedy", "--sandbox", "off", "--pass-env", "STANDIN_PORT") == 0
+    report = probe_report(repo)
+    assert report["secret_in_proc"] and report["write_results_tsv"] and report["write_journal"]
+    assert report["write_prepare_py"] and report["tcp_loopback"]
+
+
+@needs_bwrap
+def test_allow_network_lets_the_sandboxed_run_connect(repo, fake, listener, secret_holder, monkeypatch):
+    monkeypatch.setenv("STANDIN_PORT", str(listener))
+    fake.replies += [edit("probe", (MODE_LINE, 'MODE = "probe_sandbox"'), (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    assert run("--max-experiments", "1", "--greedy", "--sandbox", "on", "--allow-network",
+               "--pass-env", "STANDIN_PORT") == 0
+    report = probe_report(repo)
+    assert report["tcp_loopback"] and not report["secret_in_proc"] and not report["write_results_tsv"]
+    assert "sandbox: bubblewrap, network allowed" in cli.report(repo / "results.tsv", repo / "runs/t/journal.json")
+
+
+def test_sandbox_on_refuses_to_start_without_a_working_bwrap(repo, fake, monkeypatch):
+    monkeypatch.setattr(sandbox, "BWRAP", "no-such-bwrap")
+    with pytest.raises(SystemExit, match="--sandbox on, but the sandbox does not work here: no-such-bwrap is "
+                                         "not installed; install bubblewrap"):
+        run("--max-experiments", "0", "--greedy", "--sandbox", "on")
+    assert not (repo / "runs/t").exists()
+
+
+def test_auto_degrades_to_off_with_one_line_when_the_probe_fails(repo, fake, monkeypatch, capsys):
+    monkeypatch.setattr(sandbox, "BWRAP", "false")  # installed, but fails (no user namespaces, say)
+    assert run("--max-experiments", "0", "--greedy", "--sandbox", "auto") == 0
+    out = capsys.readouterr().out
+    assert "note: training runs are NOT sandboxed (false failed: exit code 1); install bubblewrap" in out
+    assert "sandbox off" in out and [x["status"] for x in rows(repo)] == ["keep"]
+
+
+@needs_bwrap
+def test_the_real_train_py_trains_inside_the_sandbox_on_cpu(repo, fake, prepared_cache, monkeypatch):
+    lr_line = use_real_train_py(repo, prepared_cache, monkeypatch)
+    fake.replies += [edit("lower Muon lr", (lr_line, lr_line.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.03")))]
+    assert run("--max-experiments", "1", "--greedy", "--timeout", "300", "--fix-attempts", "0", "--sandbox", "on") == 0
+    check_real_runs(repo, fake)
+
+
+@needs_bwrap
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the probe's answer without a GPU")
+def test_the_probe_looks_for_the_gpu_inside_when_the_driver_has_one():
+    bwrap = sandbox.Sandbox(shutil.which("bwrap"))
+    assert sandbox.probe(bwrap, MAIN) == ""
+    assert "no GPU inside the sandbox" in sandbox.probe(bwrap, MAIN, cuda=True)

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from autoresearch import decisions, llm, loop, records, sandbox, training
+from autoresearch import cluster, decisions, llm, loop, records, sandbox, slots, training
 from autoresearch.records import Best, JournalDamaged, Night, git
 from autoresearch.report import report
 
@@ -58,6 +58,14 @@ def parser():
                    help="times a crashed run goes back to the LLM for a fix (default: %(default)s)")
     p.add_argument("--noise-runs", type=int, default=loop.NOISE_RUNS, metavar="N",
                    help="baseline runs on different seeds to measure the noise floor (default: %(default)s)")
+    p.add_argument("--gpus", default=None, metavar="IDS",
+                   help="one training slot per GPU: 0,1,2,3 or all (default: the one GPU training would use)")
+    p.add_argument("--pipeline", choices=("on", "off"), default="on",
+                   help="ask the LLM for the next ideas while runs train, so a slot never waits (off: one "
+                        "experiment at a time, as before; default: on)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run training as Ray tasks of one GPU each on this cluster (auto: the local one); "
+                        "needs pip install -e '.[ray]'")
     p.add_argument("--greedy", action="store_true",
                    help="keep any run lower than the best: no noise floor, no confirmation runs")
     p.add_argument("--pass-env", action="append", default=[], metavar="NAME",
@@ -92,20 +100,23 @@ def drive(args):
     night, run_dir = open_night(args, repo, settings, hashes)
     night.sandbox = box.describe()
     records.save_night(run_dir / "journal.json", night)
+    work_slots = slots.make_slots(run_dir, args.gpus, cluster.connect(args.ray, repo) if args.ray else None)
     ctx = loop.Context(repo=repo, run_dir=run_dir, tag=args.tag, model=args.model, client=client, prepare=prepare,
                        greedy=args.greedy, noise_runs=1 if args.greedy else max(1, args.noise_runs),
                        fix_attempts=args.fix_attempts, pass_env=tuple(args.pass_env), sandbox=box,
                        timeout_s=args.timeout or training.default_timeout_s(settings["time_budget"]),
                        max_experiments=args.max_experiments, deadline=parse_deadline(args.deadline),
-                       max_cost=args.max_cost)
-    training.kill_stale_training(run_dir / "training.pid")
+                       max_cost=args.max_cost, slots=work_slots,
+                       lookahead=len(work_slots) if args.pipeline == "on" else 0)
+    training.kill_stale_training(run_dir / "training.pid")  # (the driver before slots)
     if not ctx.price_known:
         print(f"note: no price known for model {args.model}; cost is not counted and --max-cost "
               "cannot be enforced", flush=True)
     rule = "greedy (keep if lower)" if ctx.greedy else \
         f"noise-aware, {ctx.noise_runs} baseline runs, margin {decisions.CONFIRM_K} sigma"
     print(f"run {args.tag} on branch {night.branch}: model {args.model}, {rule}, timeout "
-          f"{ctx.timeout_s:.0f} s, sandbox {night.sandbox}; noise floor sigma = "
+          f"{ctx.timeout_s:.0f} s, sandbox {night.sandbox}, {len(work_slots)} slot(s) "
+          f"({', '.join(s.name for s in work_slots)}), pipeline {args.pipeline}; noise floor sigma = "
           f"{night.sigma if night.sigma is not None else 'not measured yet'}", flush=True)
     withheld = training.withheld_names(ctx.pass_env)
     if withheld:
@@ -237,7 +248,7 @@ def open_night(args, repo, settings, hashes):
             git(repo, "branch", branch, night.best.commit)
         if git(repo, "symbolic-ref", "-q", "HEAD", check=False) != f"refs/heads/{branch}":
             git(repo, "checkout", "-q", branch)
-        if not night.best_vals and not night.pending:  # the baseline failed: start from the fix
+        if not night.best_vals and not night.in_flight:  # the baseline failed: start from the fix
             night.best.commit = git(repo, "rev-parse", "HEAD")
             records.save_night(journal, night)
         print(f"resuming run {args.tag}: {len(night.rows)} rows, best {loop.short_best(night)}")
@@ -254,14 +265,14 @@ def open_night(args, repo, settings, hashes):
                       sigma=None, rows=[], next_n=0, next_seed=loop.BASE_SEED,
                       tried=[records.sha256_bytes((repo / "train.py").read_bytes())],
                       gpu_s={"total": 0.0, "noise": 0.0}, run_counts={"total": 0, "noise": 0},
-                      wins_rejected=0, spend={"usd": 0.0}, pending=None)
+                      wins_rejected=0, spend={"usd": 0.0}, in_flight=[])
         if tsv.exists():  # left by a run whose journal is gone: keep it aside
             os.replace(tsv, run_dir / f"results-orphaned-{int(time.time())}.tsv")
         records.save_json(run_dir / "run.json", {"settings": settings, "metric_hashes": hashes})  # never rewritten
         records.save_night(journal, night)
         git(repo, "checkout", "-q", "-b", branch)
-    pending = night.pending
-    note = records.sync_tsv(tsv, night.rows + (pending.final.rows if pending and pending.final else []), run_dir)
+    decided = [row for p in night.in_flight if p.final for row in p.final.rows]  # a kill while recording them
+    note = records.sync_tsv(tsv, night.rows + decided, run_dir)
     if note:
         print(f"note: {note}", flush=True)
     return night, run_dir

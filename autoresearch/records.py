@@ -64,6 +64,10 @@ class Experiment:
     runs: list[Run] = field(default_factory=list)
     fix_description: str = ""
     final: Final | None = None
+    parent: str | None = None          # the best when it was proposed: the code it is judged against
+    parent_description: str = ""
+    edits: list = field(default_factory=list)  # every edit list applied to the parent, in order (to re-apply)
+    rebased_attempts: list[int] = field(default_factory=list)  # attempts that beat a parent no longer the best
 
 
 @dataclass
@@ -91,8 +95,11 @@ class Night:
     run_counts: dict          # total / noise: runs
     wins_rejected: int
     spend: dict               # usd and token counts of every LLM reply
-    pending: Experiment | None
+    in_flight: list[Experiment]  # proposed and not yet recorded, oldest first
     sandbox: str = ""         # how training runs: "bubblewrap, no network", "off" (said at every start)
+    slot_seconds: dict = field(default_factory=dict)  # slot -> seconds spent inside train.py
+    wall_s: float = 0.0       # seconds the driver has been running this night, all sessions
+    done: int = 0             # experiments recorded (the baseline included)
 
     @property
     def best_vals(self):
@@ -117,13 +124,17 @@ def load_night(journal, tsv):
             d["rows"] = lines[:d["rows"]]
         if "vals" in best:  # the old driver kept the best's values beside its group
             d["groups"][best["commit"]] = best.pop("vals")
-        pending = d["pending"]
-        if pending is not None:
-            pending = Experiment(**{**pending, "runs": [Run(**r) for r in pending["runs"]],
-                                    "final": Final(**pending["final"]) if pending.get("final") else None,
-                                    "fix_description": pending.get("fix_description") or ""})
+        if "pending" in d:  # one experiment at a time, before the pipeline
+            pending = d.pop("pending")
+            d["in_flight"] = [pending] if pending else []
+        in_flight = [Experiment(**{**p, "runs": [Run(**r) for r in p["runs"]],
+                                   "final": Final(**p["final"]) if p.get("final") else None,
+                                   "fix_description": p.get("fix_description") or "",
+                                   "parent": p.get("parent") or best["commit"]}) for p in d["in_flight"]]
+        d["metric_hashes"] = {("prepare.py" if k.endswith("/prepare.py") else k): v  # (keyed by path before)
+                              for k, v in d["metric_hashes"].items()}
         names = {f.name for f in dataclasses.fields(Night)}
-        return Night(**{**{k: v for k, v in d.items() if k in names}, "best": Best(**best), "pending": pending})
+        return Night(**{**{k: v for k, v in d.items() if k in names}, "best": Best(**best), "in_flight": in_flight})
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise JournalDamaged(f"{type(error).__name__}: {error}") from error
 
@@ -157,7 +168,7 @@ def rebuild_night(repo, tag, branch, settings, hashes, lines, run_dir, base_seed
                  gpu_s={"total": len(rows) * run_s, "noise": extra * run_s},  # estimated: the logs' times are lost
                  run_counts={"total": len(rows), "noise": extra},
                  wins_rejected=sum("not confirmed" in r["description"] for r in rows if not is_extra_run(r)),
-                 spend={"usd": 0.0}, pending=None)
+                 spend={"usd": 0.0}, in_flight=[])
 
 
 # ---------------------------------------------------------------------------
@@ -178,6 +189,10 @@ def write_atomic(path, text):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def load_json(path):
+    return json.loads(Path(path).read_text())
 
 
 def save_json(path, obj):
@@ -275,11 +290,19 @@ def git_succeeds(repo, *args):
     return run_git(repo, args).returncode == 0
 
 
-def run_git(repo, args, env=None):
+def git_input(repo, text, *args):
+    """git reading `text` on its standard input (hash-object, mktree); its output."""
+    proc = run_git(repo, args, stdin=text)
+    if proc.returncode != 0:
+        raise SystemExit(f"autoresearch: git {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def run_git(repo, args, env=None, stdin=None):
     """git, its messages in English; a lock file left by a killed git is removed, one that a live
     git holds is waited for."""
     for _ in range(GIT_LOCK_TRIES):
-        proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+        proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, input=stdin,
                               env={**os.environ, "LC_ALL": "C", "LANGUAGE": "C", **(env or {})})
         lock = re.search(r"Unable to create '([^']+\.lock)': File exists", proc.stderr)
         if proc.returncode == 0 or not lock:

@@ -129,15 +129,17 @@ def summary_failure(log_text, returncode, settings, seed):
     return ""
 
 
-def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(), sandbox=None, cache_dir=None):
-    """Run `python train.py` time-boxed (in the sandbox, when there is one: writable are only the
-    log's directory and the compile cache) and judge its summary."""
+def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(), sandbox=None, cache_dir=None,
+                 extra_env=None):
+    """Run `python train.py` in `repo` (a slot's worktree) time-boxed, with `extra_env` (e.g. the
+    slot's CUDA_VISIBLE_DEVICES), in the sandbox when there is one (writable: only the log's
+    directory and the compile cache), and judge its summary."""
     start = time.time()
-    argv, extra = [sys.executable, "train.py"], {}
+    argv, extra = [sys.executable, "train.py"], dict(extra_env or {})
     if sandbox and sandbox.bwrap:
         compile_cache = Path(cache_dir) / "torchinductor"
         (compile_cache / "triton-home").mkdir(parents=True, exist_ok=True)
-        extra = {"AUTORESEARCH_CACHE": str(cache_dir), "TRITON_CACHE_DIR": str(compile_cache / "triton-home")}
+        extra.update(AUTORESEARCH_CACHE=str(cache_dir), TRITON_CACHE_DIR=str(compile_cache / "triton-home"))
         argv = sandbox.wrap(argv, repo, readable=[cache_dir], writable=[Path(log_path).parent, compile_cache])
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, cwd=repo, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -66,8 +66,9 @@ def repo(tmp_path, fake, monkeypatch):
 STANDIN_ENV = ["--pass-env", "STANDIN_GRANDCHILD_FILE", "--pass-env", "STANDIN_ONCE_FILE",
                "--pass-env", "STANDIN_PID_FILE"]  # the stand-in's knobs reach it only when passed
 # CPU, no sandbox (the stand-in writes its pid and marker files into tmp_path; test_sandbox.py
-# runs with --sandbox on)
-DRIVER_ARGS = ["--allow-cpu", "--sandbox", "off", *STANDIN_ENV]
+# runs with --sandbox on), one experiment at a time (the scripted LLM replies follow the best;
+# test_pipeline.py runs the pipeline)
+DRIVER_ARGS = ["--allow-cpu", "--sandbox", "off", "--pipeline", "off", *STANDIN_ENV]
 
 
 @pytest.fixture

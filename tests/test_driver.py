@@ -12,7 +12,7 @@ import pytest
 
 from driver_helpers import (BASE_LINE, MODE_LINE, DRIVER_ARGS, STANDINS, branch_log, check_real_runs,  # noqa: F401
                             fake, git, pid_gone, repo, rows, run, use_real_train_py)
-from autoresearch import cli, llm, loop, records, training
+from autoresearch import cli, llm, loop, records, slots, training
 from autoresearch.report import report
 from fake_anthropic import drop, edit, error, slow
 
@@ -224,7 +224,7 @@ def test_status_line_per_experiment(repo, fake, capsys):
     assert run("--max-experiments", "1", "--greedy") == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("   1 ")]
     assert len(lines) == 1
-    assert "0.990000 (-0.010000)  keep" in lines[0] and "min" in lines[0] and "$0.009" in lines[0]
+    assert "0.990000 (-0.010000)  keep" in lines[0] and "exp/h, duty gpu " in lines[0] and "$0.009" in lines[0]
     assert "lower" in lines[0] and "best 0.990000" in lines[0]
 
 
@@ -291,7 +291,8 @@ def test_kill_9_mid_experiment_then_restart(repo, fake, tmp_path, slow_once):
     training_pid = int(pid_file.read_text())
     proc.send_signal(signal.SIGKILL)  # the training group lives on, as after a real kill -9
     proc.wait()
-    assert git(repo, "log", "--format=%s", "autoresearch/t").splitlines()[0] == "slow but good"
+    assert branch_log(repo)[0] == "initial"  # the branch holds the best while a candidate trains in its worktree
+    assert git(repo / "runs/t/slots/gpu", "log", "-1", "--format=%s") == "slow but good"
     restart = start_driver(repo, tmp_path, "--max-experiments", "2", "--greedy")
     assert restart.wait(timeout=60) == 0, (tmp_path / "driver.out").read_text()
     assert pid_gone(training_pid), "the orphaned training run was not ended"
@@ -340,7 +341,7 @@ class Killed(BaseException):
 
 
 KILL_POINTS = {  # where -> (module, function): die right after it returns
-    "llm.ask": (llm, "ask"), "commit_candidate": (loop, "commit_candidate"),
+    "llm.ask": (llm, "ask"), "commit_candidate": (slots, "commit_candidate"),
     "run_training": (training, "run_training"), "sync_tsv": (records, "sync_tsv"),
     "save_state (final decision)": (loop, "save_state")}
 
@@ -360,7 +361,7 @@ def test_killed_at_any_step_then_restarted(repo, fake, monkeypatch, where):
         result = original(*args, **kwargs)
         if name == "sync_tsv" and len(args[1]) < 2:  # only once the experiment's row is written
             return result
-        if name != "save_state" or (args[1].pending and args[1].pending.final):
+        if name != "save_state" or any(p.final for p in args[1].in_flight):
             raise Killed
         return result
     monkeypatch.setattr(module, name, dies_after)

@@ -150,7 +150,7 @@ def test_noise_floor_after_a_resume_is_the_uninterrupted_one(noisy, fake, monkey
 
         def dies_after_repeat_of_best(ctx, night):
             original(ctx, night)
-            if night.pending and night.pending.runs and night.pending.runs[-1].role == "best":
+            if any(p.runs and p.runs[-1].role == "best" for p in night.in_flight):
                 raise Killed
         monkeypatch.setattr(loop, "save_state", dies_after_repeat_of_best)
         with pytest.raises(Killed):
@@ -250,6 +250,15 @@ def test_a_train_py_that_checks_out_another_branch_moves_no_branch(repo, fake):
     assert branch_log(repo) == ["honest", "initial"] and r[2]["status"] == "keep"
     assert (repo / "program.md").read_text() == program and (repo / "prepare.py").read_text() == prepare
     assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+def test_a_train_py_that_moves_its_own_worktree_is_refused(repo, fake):
+    fake.replies += [edit("branches", (MODE_LINE, 'MODE = "git_checkout_worktree"'), (BASE_LINE, "TRUE_BPB = 0.5")),
+                     edit("honest", (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    assert run("--max-experiments", "2", "--fix-attempts", "0", "--greedy") == 0
+    r = rows(repo)
+    assert r[1]["status"] == "crash" and "refused: train.py moved git's HEAD in its worktree" in r[1]["description"]
+    assert r[2]["status"] == "keep" and branch_log(repo) == ["honest", "initial"]
 
 
 # ---------------------------------------------------------------------------
@@ -363,7 +372,7 @@ def test_a_kill_before_a_fix_is_recorded_re_asks_from_the_attempts_own_conversat
     original = loop.save_state
 
     def dies_when_the_fix_is_recorded(ctx, night):
-        if night.pending and night.pending.attempt == 1:
+        if any(p.attempt == 1 for p in night.in_flight):
             raise Killed
         original(ctx, night)
     with monkeypatch.context() as patch:

@@ -17,9 +17,12 @@ TRUE_BPB = 1.000000
 NOISE_STD = 0.0
 DATA_ORDER = 0
 MODE = "ok"
+SLEEP_S = 0.0
+BONUS = 0.0
 seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
 
 print("env: " + json.dumps(sorted(os.environ)), flush=True)
+print("gpu: " + os.environ.get("CUDA_VISIBLE_DEVICES", "-"), flush=True)
 if os.environ.get("STANDIN_PID_FILE"):
     Path(os.environ["STANDIN_PID_FILE"]).write_text(str(os.getpid()))
 if MODE == "crash":
@@ -46,16 +49,21 @@ if MODE == "touch_prepare":
         f.write("# EVAL_TOKENS changed by train.py\n")
 if MODE == "wrong_seed":
     seed += 1
+# the user's checkout, where the driver keeps results.tsv and its branch (train.py runs in a worktree)
+MAIN = Path(subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], capture_output=True,
+                           text=True).stdout.strip()).parent
 if MODE == "write_tsv":  # a row of its own in the driver's results.tsv
-    with open("results.tsv", "a") as f:
+    with open(MAIN / "results.tsv", "a") as f:
         f.write("deadbee\t0.100000\t1.0\tkeep\ta row train.py wrote\n")
 if MODE == "write_tsv_no_newline":
-    with open("results.tsv", "a") as f:
+    with open(MAIN / "results.tsv", "a") as f:
         f.write("deadbee\t0.100000\t1.0\tkeep\ta row train.py wrote")
 if MODE == "delete_tsv":
-    os.remove("results.tsv")
-if MODE == "git_checkout":  # moves HEAD off the driver's branch
-    subprocess.run(["git", "checkout", "-q", "master"], check=True)
+    os.remove(MAIN / "results.tsv")
+if MODE == "git_checkout":  # moves the user's checkout off the driver's branch
+    subprocess.run(["git", "-C", str(MAIN), "checkout", "-q", "master"], check=True)
+if MODE == "git_checkout_worktree":  # moves its own worktree onto a branch
+    subprocess.run(["git", "checkout", "-q", "-b", "train-py-was-here"], check=True)
 if MODE == "probe_sandbox":  # what a careless train.py could reach, each attempt reported
     import socket
 
@@ -77,17 +85,18 @@ if MODE == "probe_sandbox":  # what a careless train.py could reach, each attemp
     found = {
         "secret_in_env": any(needle in v for v in os.environ.values()),
         "secret_in_proc": any(needle.encode() in e for e in proc_environs()),
-        "write_results_tsv": can(lambda: open("results.tsv", "a").close()),
-        "write_journal": can(lambda: open("runs/t/journal.json", "a").close()),
-        "write_git": can(lambda: (Path(".git/probe").write_text("x"), Path(".git/probe").unlink())),
-        "write_prepare_py": can(lambda: open("prepare.py", "a").close()),
+        "write_results_tsv": can(lambda: open(MAIN / "results.tsv", "a").close()),
+        "write_journal": can(lambda: open(MAIN / "runs/t/journal.json", "a").close()),
+        "write_git": can(lambda: (Path(MAIN / ".git/probe").write_text("x"), Path(MAIN / ".git/probe").unlink())),
+        "write_prepare_py": can(lambda: open(MAIN / "prepare.py", "a").close()),
         "write_tokens": can(lambda: open(prepare.CACHE_DIR / "val.bin", "a").close()),
         "write_own_dir": can(lambda: (own_dir / "probe.txt").write_text("x")),
         "write_compile_cache": can(lambda: (prepare.CACHE_DIR / "torchinductor" / "probe").write_text("x")),
         "tcp_loopback": can(lambda: socket.create_connection(("127.0.0.1", int(os.environ["STANDIN_PORT"])), 2)),
     }
     print("sandbox-probe: " + json.dumps(found), flush=True)
-val_bpb = TRUE_BPB + NOISE_STD * random.Random(f"{seed}:{DATA_ORDER}").gauss(0, 1)
+time.sleep(SLEEP_S)  # "training"
+val_bpb = TRUE_BPB - BONUS + NOISE_STD * random.Random(f"{seed}:{DATA_ORDER}").gauss(0, 1)
 if MODE == "negative":
     val_bpb = -0.5
 time_budget = prepare.TIME_BUDGET * (2 if MODE == "settings" else 1)

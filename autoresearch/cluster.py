@@ -1,0 +1,74 @@
+"""Past one box: training runs as Ray tasks that ask Ray for one GPU each (Ray schedules them;
+we write no scheduler). The driver, on the head node, stays the only writer of git, the journal
+and results.tsv: a task gets train.py's text and returns its result, its log and the metric
+hashes of the node it ran on, and a node whose prepare.py or prepared data differ is refused.
+
+A node needs the project at the same path as on the head node (for prepare.py) and the prepared
+data under the same AUTORESEARCH_CACHE (shared storage, or `python prepare.py` on each node).
+"""
+
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from autoresearch import training
+
+
+@dataclass
+class RayRunner:
+    """Runs train.py as Ray tasks on the cluster the driver is connected to."""
+    project: str                   # the repository, at the same path on every node
+    gpus: int                      # GPUs in the cluster: one slot each
+
+    def run(self, source, ctx, night, seed, log_path):
+        """One run as a Ray task of one GPU; blocks until it ends (in a slot's thread)."""
+        import ray
+        env = {k: v for k, v in os.environ.items() if k.startswith("AUTORESEARCH_")}
+        task = ray.remote(num_gpus=1, max_retries=0)(train_on_node)
+        result, log_text, hashes, node = ray.get(task.remote(source, self.project, seed, ctx.timeout_s,
+                                                             night.settings, env, ctx.pass_env))
+        Path(log_path).write_text(log_text)
+        if hashes != night.metric_hashes:
+            return training.RunResult(None, 0.0, result.seconds, (
+                f"refused: node {node} has another prepare.py or other prepared data than the run started "
+                "with (metric hashes differ); prepare every node the same way, under the same AUTORESEARCH_CACHE"))
+        return result
+
+
+def connect(address, project):
+    """Join the Ray cluster at `address` ("auto": the one running here); one slot per GPU in it."""
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit("autoresearch: --ray needs Ray: pip install -e '.[ray]'")
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus == 0:
+        raise SystemExit(f"autoresearch: the Ray cluster at {address!r} has no GPU; start its nodes with their GPUs")
+    print(f"Ray cluster {address}: {gpus} GPU(s), one training slot each", flush=True)
+    return RayRunner(str(project), gpus)
+
+
+def train_on_node(source, project, seed, timeout_s, settings, env, pass_env):
+    """A Ray task: train.py (its text) beside the node's prepare.py in a scratch directory,
+    trained once; returns (RunResult, the log, the node's metric hashes, the node's name)."""
+    from autoresearch import cli, loop  # on the node
+    work = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
+    try:
+        shutil.copy(Path(project) / "prepare.py", work / "prepare.py")
+        (work / "train.py").write_text(source)
+        previous = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # the node's prepare.py reads AUTORESEARCH_* when loaded
+        try:
+            hashes = loop.metric_hashes(work, cli.load_prepare(work))
+        finally:
+            for k, v in previous.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        result = training.run_training(work, work / "train.log", seed, timeout_s, settings, work / "train.pid",
+                                       pass_env, extra_env=env)
+        return result, (work / "train.log").read_text(errors="replace"), hashes, socket.gethostname()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

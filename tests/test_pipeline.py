@@ -1,0 +1,130 @@
+"""The pipeline (issue 10): proposals made while runs train, slots (one per GPU) in their own
+worktrees, proposals re-applied to a best that moved, the stale-base rule, parallel runs, and
+kill -9 with several runs in flight. The stand-in train.py sleeps SLEEP_S to "train".
+Run: python -m pytest tests/test_pipeline.py"""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from driver_helpers import (BASE_LINE, MODE_LINE, STANDIN_ENV, branch_log, fake, git, journal, noisy, pid_gone,  # noqa: F401
+                            repo, rows)
+from fake_anthropic import edit
+from autoresearch import cli
+
+SLEEP_LINE = "SLEEP_S = 0.0"
+PIPELINE = ["--allow-cpu", "--sandbox", "off", *STANDIN_ENV]
+
+
+def run(*args):
+    return cli.main(["--tag", "t", *PIPELINE, *args])
+
+
+def shown_train_py(request):
+    """The train.py a request shows the model (the best when it was asked)."""
+    return request["messages"][0]["content"][0]["text"]
+
+
+def slow_baseline(repo, seconds="1.0"):
+    """Every run "trains" this long (the baseline commit's SLEEP_S, inherited by the ideas)."""
+    path = repo / "train.py"
+    path.write_text(path.read_text().replace(SLEEP_LINE, f"SLEEP_S = {seconds}"))
+    git(repo, "commit", "-q", "-am", "slow stand-in")
+
+
+def test_the_next_idea_is_asked_while_a_run_trains(repo, fake):
+    """One slot: the first idea is asked while the baseline trains, the second while the first
+    trains (shown what is in flight), and re-applied to the new best before it starts."""
+    slow_baseline(repo)
+    seen = []
+
+    def idea(name, search, replace):
+        return lambda request: seen.append(len(rows(repo))) or edit(name, (search, replace))
+    fake.replies += [idea("first", BASE_LINE, "TRUE_BPB = 0.990000"), idea("second", "DATA_ORDER = 0", "DATA_ORDER = 5")]
+    assert run("--max-experiments", "2", "--greedy") == 0
+    assert seen == [0, 1]  # results.tsv had no row yet, then only the baseline's
+    second = json.dumps(fake.requests[1]["messages"])
+    assert "In flight" in second and "#1: first" in second and "+TRUE_BPB = 0.990000" in second
+    assert [(x["description"], x["status"]) for x in rows(repo)] == [
+        ("baseline", "keep"), ("first", "keep"), ("second", "discard")]
+    first = git(repo, "rev-parse", "autoresearch/t")
+    assert git(repo, "rev-parse", "refs/autoresearch/t/discarded/0002^") == first  # rebased onto "first"
+
+
+def test_a_proposal_whose_edits_no_longer_apply_is_asked_again(repo, fake, capsys):
+    """Proposed against the baseline while the first idea trains; the first idea is kept and changed
+    the very line the second edits: re-applying fails, so the model is asked again (no GPU time)."""
+    slow_baseline(repo)
+    fake.replies += [edit("first", (BASE_LINE, "TRUE_BPB = 0.990000")),
+                     edit("same line", (BASE_LINE, "TRUE_BPB = 0.985000")),
+                     edit("asked again", ("TRUE_BPB = 0.990000", "TRUE_BPB = 0.980000"))]
+    assert run("--max-experiments", "3", "--greedy") == 0
+    assert "same line: its edits no longer apply to the new best; asking again" in capsys.readouterr().out
+    assert [x["description"] for x in rows(repo)] == ["baseline", "first", "asked again"]
+    assert len(fake.requests) == 3 and not (repo / "runs/t/0002/train.log").exists()
+
+
+def test_slots_train_side_by_side_each_on_its_gpu_in_its_worktree(repo, fake):
+    """Once its first run shows the baseline works, its two noise runs (seeds) train at once, one
+    on each GPU."""
+    slow_baseline(repo)
+    assert run("--max-experiments", "0", "--gpus", "0,1", "--noise-runs", "3") == 0
+    logs = [(repo / "runs/t/0000" / name).read_text() for name in ("train-2.log", "train-3.log")]
+    assert sorted(log.split("gpu: ")[1].split("\n")[0] for log in logs) == ["0", "1"]
+    st = journal(repo)
+    assert set(st["slot_seconds"]) == {"gpu0", "gpu1"} and all(v > 0 for v in st["slot_seconds"].values())
+    assert (repo / "runs/t/slots/gpu0/.git").exists() and (repo / "runs/t/slots/gpu1/.git").exists()
+    assert [x["description"].split(" (")[0] for x in rows(repo)] == ["baseline", "noise run 2/3", "noise run 3/3"]
+    assert journal(repo)["wall_s"] < 3 * 1.0 + 1.5  # three 1-second runs, two of them side by side
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+def test_a_win_on_a_stale_base_is_re_run_on_the_new_best(repo, fake):
+    """Two slots: "fast" (a big gain) and "slow" (a smaller one, on another line) both start from the
+    baseline. "fast" ends first and is kept; "slow" then beats its parent, the baseline, which is
+    no longer the best: it is never kept on it, but re-applied to the new best and run again."""
+    slow_baseline(repo, "0.5")
+    fake.replies += [edit("fast", (BASE_LINE, "TRUE_BPB = 0.980000")),
+                     edit("slow", ("BONUS = 0.0", "BONUS = 0.005"), ("SLEEP_S = 0.5", "SLEEP_S = 3.0"))]
+    assert run("--max-experiments", "2", "--greedy", "--gpus", "0,1", "--noise-runs", "1") == 0
+    r = rows(repo)
+    assert [(x["description"].split(" [")[0], x["val_bpb"], x["status"]) for x in r] == [
+        ("baseline", "1.000000", "keep"), ("fast", "0.980000", "keep"),
+        ("slow", "0.995000", "discard"),  # beat the baseline, its parent; never kept on it
+        ("slow", "0.975000", "keep")]     # the same edits on "fast": kept
+    assert "beat its parent, which was no longer the best: re-run on the new best" in r[2]["description"]
+    assert r[2]["commit"] != r[3]["commit"] and branch_log(repo)[:2] == ["slow", "fast"]
+    assert journal(repo)["in_flight"] == [] and journal(repo)["best"]["description"] == "slow"
+
+
+def test_kill_9_with_two_runs_in_flight_then_restart(repo, fake, tmp_path):
+    """Both slots training when the driver dies: both groups are ended at the restart and their
+    runs done again; every row once."""
+    fake.replies += [edit("a", (BASE_LINE, "TRUE_BPB = 0.990000"), (SLEEP_LINE, "SLEEP_S = 4.0")),
+                     edit("b", ("DATA_ORDER = 0", "DATA_ORDER = 1"), (SLEEP_LINE, "SLEEP_S = 4.0"))]
+    command = [sys.executable, "driver.py", "--tag", "t", *PIPELINE, "--gpus", "0,1", "--noise-runs", "1",
+               "--max-experiments", "2", "--greedy"]
+    out = open(tmp_path / "driver.out", "ab")
+    proc = subprocess.Popen(command, cwd=repo, stdout=out, stderr=subprocess.STDOUT)
+    pid_files = [repo / "runs/t/slots/gpu0.pid", repo / "runs/t/slots/gpu1.pid"]
+    for _ in range(600):
+        if all(p.exists() and p.read_text() for p in pid_files):
+            break
+        assert proc.poll() is None, (tmp_path / "driver.out").read_text()
+        time.sleep(0.05)
+    training = [int(p.read_text()) for p in pid_files]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    restart = subprocess.Popen(command, cwd=repo, stdout=out, stderr=subprocess.STDOUT)
+    for pid in training:
+        for _ in range(100):
+            if pid_gone(pid):
+                break
+            time.sleep(0.1)
+        assert pid_gone(pid), "a training group of the killed driver outlived the restart"
+    assert restart.wait(timeout=120) == 0, (tmp_path / "driver.out").read_text()
+    descriptions = [x["description"] for x in rows(repo)]
+    assert sorted(descriptions) == ["a", "b", "baseline"] and len(fake.requests) == 2

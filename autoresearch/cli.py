@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from autoresearch import cluster, decisions, llm, loop, records, sandbox, slots, training
+from autoresearch import cluster, decisions, experiment, llm, loop, records, sandbox, slots, training
 from autoresearch.records import Best, JournalDamaged, Night, git
 from autoresearch.report import report
 
@@ -131,14 +131,14 @@ def drive(args):
         for s in previous:  # the clean-up itself is not interrupted
             signal.signal(s, signal.SIG_IGN)
         try:
-            loop.restore_best(ctx, night)
+            experiment.restore_best(ctx, night)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
     if interrupted:
         print(f"\ninterrupted; `python driver.py --tag {args.tag}` resumes this run", flush=True)
         return 130
-    print(f"total: {night.next_n} experiments, {len(night.rows)} runs, best {loop.short_best(night)}, "
+    print(f"total: {night.next_n} experiments, {len(night.rows)} runs, best {experiment.short_best(night)}, "
           f"spend ${night.spend['usd']:.2f}, GPU {night.gpu_s['total'] / 3600:.2f} h "
           f"({night.gpu_s['noise'] / max(night.gpu_s['total'], 1e-9):.0%} on noise handling)")
     return 0
@@ -172,7 +172,7 @@ def check_repo(args, repo):
             raise SystemExit(f"autoresearch: no {name} in {repo}; run the driver inside the autoresearch repository")
     prepare = load_prepare(repo)
     try:
-        hashes = loop.metric_hashes(repo, prepare)
+        hashes = records.metric_hashes(repo, prepare)
     except SystemExit as e:  # data or tokenizer not prepared: say which command to run
         raise SystemExit(f"autoresearch: {str(e.code).removeprefix('error: ')}")
     return prepare, {key: getattr(prepare, key.upper()) for key in training.SETTINGS_KEYS}, hashes
@@ -251,7 +251,7 @@ def open_night(args, repo, settings, hashes):
         if not night.best_vals and not night.in_flight:  # the baseline failed: start from the fix
             night.best.commit = git(repo, "rev-parse", "HEAD")
             records.save_night(journal, night)
-        print(f"resuming run {args.tag}: {len(night.rows)} rows, best {loop.short_best(night)}")
+        print(f"resuming run {args.tag}: {len(night.rows)} rows, best {experiment.short_best(night)}")
     else:
         if git(repo, "rev-parse", "--verify", "-q", branch, check=False):
             raise SystemExit(f"autoresearch: branch {branch} exists but has no journal in {run_dir}; "
@@ -262,7 +262,7 @@ def open_night(args, repo, settings, hashes):
         run_dir.mkdir(parents=True, exist_ok=True)
         night = Night(tag=args.tag, branch=branch, started=time.strftime("%Y-%m-%d %H:%M:%S"), settings=settings,
                       metric_hashes=hashes, best=Best(git(repo, "rev-parse", "HEAD"), "baseline"), groups={},
-                      sigma=None, rows=[], next_n=0, next_seed=loop.BASE_SEED,
+                      sigma=None, rows=[], next_n=0, next_seed=experiment.BASE_SEED,
                       tried=[records.sha256_bytes((repo / "train.py").read_bytes())],
                       gpu_s={"total": 0.0, "noise": 0.0}, run_counts={"total": 0, "noise": 0},
                       wins_rejected=0, spend={"usd": 0.0}, in_flight=[])
@@ -292,12 +292,12 @@ def recover_night(repo, tag, branch, settings, hashes, run_dir, error):
     if identity.exists():
         started = json.loads(identity.read_text())
         settings, hashes = started["settings"], started["metric_hashes"]
-    night = records.rebuild_night(repo, tag, branch, settings, hashes, lines, run_dir, loop.BASE_SEED,
+    night = records.rebuild_night(repo, tag, branch, settings, hashes, lines, run_dir, experiment.BASE_SEED,
                                   run_s=settings["time_budget"])
     aside = records.set_aside(journal, "damaged")
     records.save_night(journal, night)
     print(f"autoresearch: {journal} was damaged ({error}); kept it as {aside.name} and rebuilt the run from "
-          f"results.tsv and {branch}: {len(lines)} rows, best {loop.short_best(night)} (the LLM spend and GPU "
+          f"results.tsv and {branch}: {len(lines)} rows, best {experiment.short_best(night)} (the LLM spend and GPU "
           "time before now are not known)", flush=True)
     return night
 

@@ -55,7 +55,7 @@ def connect(address, project):
 def train_on_node(source, project, seed, timeout_s, settings, env, pass_env):
     """A Ray task: train.py (its text) beside the node's prepare.py in a scratch directory,
     trained once; returns (RunResult, the log, the node's metric hashes, the node's name)."""
-    from autoresearch import cli, loop  # on the node
+    from autoresearch import cli, records  # on the node
     work = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
     try:
         shutil.copy(Path(project) / "prepare.py", work / "prepare.py")
@@ -63,7 +63,7 @@ def train_on_node(source, project, seed, timeout_s, settings, env, pass_env):
         previous = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # the node's prepare.py reads AUTORESEARCH_* when loaded
         try:
-            hashes = loop.metric_hashes(work, cli.load_prepare(work))
+            hashes = records.metric_hashes(work, cli.load_prepare(work))
         finally:
             for k, v in previous.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

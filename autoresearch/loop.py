@@ -10,17 +10,15 @@ recorded when they end, so a driver killed at any instant resumes with nothing l
 """
 
 import queue
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoresearch import decisions, edits, proposals, records, slots, training
-from autoresearch.records import Best, Experiment, Final, Run, git
+from autoresearch import edits, experiment, proposals, records, slots, training
+from autoresearch.records import Experiment, Run, git
 
 FIX_ATTEMPTS = 2                   # times a crashed run goes back to the LLM for a fix
 NOISE_RUNS = 3                     # runs of the baseline (different seeds) to measure the noise floor
-BASE_SEED = 42                     # seed of every first run; repeats take BASE_SEED+1, +2, ...
 LOG_TAIL_LINES = 60                # log lines sent to the LLM after a crash
 
 
@@ -61,15 +59,15 @@ class Context:
 
 def run_night(ctx, night):
     """Experiments until a stop condition: the baseline first, then the LLM's ideas."""
-    restore_best(ctx, night)  # after a kill: branch and train.py back to the best
+    experiment.restore_best(ctx, night)  # after a kill: branch and train.py back to the best
     slots.end_stale_runs(ctx.slots)
     events, asking, clock = queue.Queue(), {}, time.time()
     try:
         while True:
             for p in list(night.in_flight):  # decided (also: decided before a kill, not yet recorded)
-                step = next_step(ctx, night, p)
+                step = experiment.next_step(ctx, night, p)
                 if step[0] == "record":
-                    record(ctx, night, p, *step[1:])
+                    experiment.record(ctx, night, p, *step[1:])
             start_runs(ctx, night, events)
             ask(ctx, night, events, asking)  # while the slots train
             busy = start_runs(ctx, night, events)  # (the baseline ask() may have just created)
@@ -91,13 +89,9 @@ def run_night(ctx, night):
             training.kill_stale_training(slot.pid_file)
 
 
-def save_state(ctx, night):
-    records.save_night(ctx.journal, night)
-
-
-def stop_reason(ctx, night):
-    """Why no new idea is asked for now ("" when one may)."""
-    done = night.next_n - 1
+def stop_reason(ctx, night, asking=0):
+    """Why no new idea is asked for now ("" when one may); `asking`: ideas asked for, not answered."""
+    done = night.next_n - 1 + asking
     if ctx.max_experiments is not None and done >= ctx.max_experiments:
         return f"{done} experiments done (--max-experiments)"
     if deadline_near(ctx, night):
@@ -117,30 +111,29 @@ def deadline_near(ctx, night):
 # ---------------------------------------------------------------------------
 
 def ask(ctx, night, events, asking):
-    """Start the next LLM request if the proposer is idle: a fix a crashed run waits for, or a new
-    idea while fewer than `lookahead` wait to start (with --pipeline off: only when a slot would
-    otherwise wait and nothing else is in flight)."""
-    if asking:
-        return
+    """Start LLM requests, up to one per slot at a time (one with --pipeline off): fixes that crashed
+    runs wait for, then new ideas while fewer than `lookahead` wait to start (with --pipeline off:
+    only when nothing else is in flight)."""
+    most = max(1, ctx.lookahead)
     for p in night.in_flight:
-        failed = next_step(ctx, night, p)
-        if failed[0] == "fix":
-            return submit(ctx, night, events, asking, fix_ask(ctx, night, p, failed[1]))
+        failed = experiment.next_step(ctx, night, p)
+        if failed[0] == "fix" and p.n not in asking and len(asking) < most:
+            submit(ctx, night, events, asking, fix_ask(ctx, night, p, failed[1]))
     if not night.best_vals and not night.in_flight:  # the baseline: the committed train.py, no LLM
         night.in_flight.append(Experiment(night.next_n, "baseline", "baseline", str(exp_dir(ctx, night.next_n)),
                                           str(ctx.repo / "train.py"), night.best.commit, 0, parent=night.best.commit))
         night.next_n += 1
-        save_state(ctx, night)
-        if not ctx.lookahead:
-            return
-    waiting = sum(p.kind == "candidate" and not p.runs and not running(ctx, p) for p in night.in_flight)
-    wanted = ctx.lookahead if ctx.lookahead else (0 if night.in_flight else 1)  # --pipeline off: one at a time
-    if waiting < wanted and not stop_reason(ctx, night):
-        n = night.next_n  # counted once answered, so a kill while asking re-asks under the same n
+        experiment.save(ctx, night)
+    ideas = [n for n, (request, *_) in asking.items() if request.kind == "idea"]
+    waiting = sum(p.kind == "candidate" and not p.runs and not experiment.running(ctx, p) for p in night.in_flight)
+    wanted = ctx.lookahead if ctx.lookahead else (0 if night.in_flight or asking else 1)  # off: one at a time
+    while waiting + len(ideas) < wanted and len(asking) < most and not stop_reason(ctx, night, len(ideas)):
+        n = max([night.next_n] + [i + 1 for i in ideas])  # counted once answered: a kill re-asks under it
         best_py = records.train_py_at(ctx.repo, night.best.commit)
         submit(ctx, night, events, asking, proposals.Ask(
             n, "idea", exp_dir(ctx, n), best_py, best_py,
             prompt_history(night, ctx), [], exp_dir(ctx, n) / "conversation.json", frozenset(night.tried)))
+        ideas.append(n)
 
 
 def exp_dir(ctx, n):
@@ -171,7 +164,7 @@ def fix_ask(ctx, night, p, failed):
         "content": f"The run failed: {failed.failure}.\n\nLast lines of its log:\n{tail}"
                    "\n\nFix train.py with another edit (edits apply to the file as you left it)."}]})
     if p.commit:
-        keep_discarded(ctx, f"{p.n:04d}-{p.attempt + 1}", p.commit)
+        experiment.keep_discarded(ctx, f"{p.n:04d}-{p.attempt + 1}", p.commit)
     return proposals.Ask(p.n, "fix", Path(p.dir), Path(p.source).read_text(),
                          records.train_py_at(ctx.repo, night.best.commit), prompt_history(night, ctx), messages,
                          conversation_path(p, p.attempt + 1), frozenset(night.tried))
@@ -201,8 +194,8 @@ def answered(ctx, night, asked, answer):
                                           parent=parent, parent_description=parent_description,
                                           edits=[answer.edits]))
     elif answer.source is None:  # no valid fix: the experiment is recorded as a crash
-        save_state(ctx, night)
-        return record(ctx, night, p, "crash", "")
+        experiment.save(ctx, night)
+        return experiment.record(ctx, night, p, "crash", "")
     else:
         p.attempt += 1
         p.fix_description = answer.description
@@ -210,17 +203,12 @@ def answered(ctx, night, asked, answer):
         Path(p.source).write_text(answer.source)
         p.edits.append(answer.edits)
         p.commit, p.commit_date = None, int(time.time())
-    save_state(ctx, night)
+    experiment.save(ctx, night)
 
 
 # ---------------------------------------------------------------------------
 # 2. Run: every free slot takes the next run any experiment needs
 # ---------------------------------------------------------------------------
-
-def running(ctx, p):
-    """The slots training a run of this experiment now."""
-    return [s for s in ctx.slots if s.job and s.job[0] == p.n]
-
 
 def start_runs(ctx, night, events):
     """Give each free slot a run; returns the slots that are training."""
@@ -228,7 +216,7 @@ def start_runs(ctx, night, events):
         if slot.job or deadline_near(ctx, night):
             continue
         for p in list(night.in_flight):
-            step = next_step(ctx, night, p)
+            step = experiment.next_step(ctx, night, p)
             if step[0] == "run":
                 start_run(ctx, night, events, slot, p, *step[1:])
                 break
@@ -244,11 +232,11 @@ def start_run(ctx, night, events, slot, p, role, seed):
         message = p.description + (f" (fix: {p.fix_description})" if p.fix_description else "")
         p.commit = slots.commit_candidate(ctx.repo, p.parent, Path(p.source).read_text(),
                                           f"{message}\n\nautoresearch {ctx.tag} experiment {p.n}", p.commit_date)
-        save_state(ctx, night)
+        experiment.save(ctx, night)
     commit = p.parent if role == "best" else p.commit
-    k = len(p.runs) + len(running(ctx, p))
+    k = len(p.runs) + len(experiment.running(ctx, p))
     log_path = Path(p.dir) / ("train.log" if k == 0 else f"train-{k + 1}.log")
-    if seed != BASE_SEED:
+    if seed != experiment.BASE_SEED:
         night.next_seed = max(night.next_seed, seed)
     slots.start(slot, ctx, night, (p.n, role, seed, commit, log_path), events)
 
@@ -264,7 +252,7 @@ def rebase(ctx, night, p):
         p.parent, p.parent_description = night.best.commit, night.best.description
         p.source = str(Path(p.dir) / f"rebased-{len(p.rebased_attempts) + p.attempt + 1}.py")
         Path(p.source).write_text(source)
-    save_state(ctx, night)
+    experiment.save(ctx, night)
     return source is not None
 
 
@@ -285,17 +273,17 @@ def finish_run(ctx, night, slot, result):
     night.gpu_s["total"] += result.seconds
     night.run_counts["total"] += 1
     night.slot_seconds[slot.name] = night.slot_seconds.get(slot.name, 0.0) + result.seconds
-    if role != "candidate" or len(attempt_runs(p)) > 1:
+    if role != "candidate" or len(experiment.attempt_runs(p)) > 1:
         night.gpu_s["noise"] += result.seconds
         night.run_counts["noise"] += 1
-    save_state(ctx, night)
+    experiment.save(ctx, night)
 
 
 def check_metric_unchanged(ctx, night, slot):
     """Numbers from a different metric are never compared or recorded: a changed prepare.py or
     prepared validation data (shared by every run) stops the run."""
-    if metric_hashes(ctx.repo, ctx.prepare) != night.metric_hashes:
-        restore_best(ctx, night)
+    if records.metric_hashes(ctx.repo, ctx.prepare) != night.metric_hashes:
+        experiment.restore_best(ctx, night)
         raise SystemExit("autoresearch: prepare.py or the prepared validation data changed during "
                          f"a run on {slot.name}; results would not be comparable. Restore them (or "
                          "re-run `python prepare.py`) and start a new run with another --tag.")
@@ -321,188 +309,3 @@ def undo_tampering(ctx, night, slot, commit):
     return "; ".join(p for p in problems if p)
 
 
-def metric_hashes(where, prepare):
-    """Hashes of prepare.py (the one the run used) and every prepared file the metric reads."""
-    return {"prepare.py": records.sha256_file(Path(where) / "prepare.py"),
-            **{str(f): records.sha256_file(f) for f in prepare.metric_files()}}
-
-
-# ---------------------------------------------------------------------------
-# 3. Decide: what an experiment needs next (decisions.decide on its parent's runs)
-# ---------------------------------------------------------------------------
-
-def attempt_runs(p, roles=("candidate",)):
-    """The experiment's runs of the current attempt's code (a fix after a crash is a new attempt)."""
-    return [r for r in p.runs if r.role in roles and r.attempt == p.attempt]
-
-
-def measured(runs):
-    """val_bpb of the runs that produced one."""
-    return [r.val_bpb for r in runs if r.val_bpb is not None]
-
-
-def next_step(ctx, night, p):
-    """("run", role, seed), ("fix", failed run), ("record", status, note) or ("wait",). A keep on a
-    parent that is no longer the best re-bases the experiment (see stale_keep)."""
-    if p.final:
-        return ("record", p.final.status, p.final.note)
-    if running(ctx, p) and p.kind != "baseline":
-        return ("wait",)
-    cand = attempt_runs(p, ("candidate", "noise"))
-    if p.kind == "candidate" and not night.best_vals:
-        return ("wait",)  # ideas start once the baseline is measured
-    if not cand:
-        return ("wait",) if running(ctx, p) else ("run", "candidate", BASE_SEED)
-    if cand[0].val_bpb is None:  # the attempt's first run failed
-        if p.kind == "baseline" or p.attempt >= ctx.fix_attempts:
-            return ("record", "crash", "")
-        return ("fix", cand[0])
-    if p.kind == "baseline":  # its noise runs may train side by side on free slots
-        if len(cand) + len(running(ctx, p)) < ctx.noise_runs:
-            return ("run", "noise", next_seed(night))
-        return ("wait",) if running(ctx, p) else ("record", "keep", "")
-    vals = measured(attempt_runs(p))
-    repeats = attempt_runs(p)[1:]
-    no_repeat = "a repeat crashed" if any(r.val_bpb is None for r in repeats) else \
-        "" if decisions.budget_allows(night.run_counts) else "noise budget spent"
-    action, note = decisions.decide(vals, night.groups.get(p.parent, []), night.sigma, ctx.greedy, no_repeat)
-    if action == "repeat":
-        return ("run", "candidate", next_seed(night))
-    if action == "repeat_best":
-        return ("run", "best", next_seed(night))
-    if action == "keep" and p.parent != night.best.commit:
-        return stale_keep(ctx, night, p)
-    if note and len(vals) > 1 and len(set(vals)) == 1:
-        action, note = "discard", "refused: identical val_bpb on different seeds (train.py ignores AUTORESEARCH_SEED)"
-    return ("record", action, note)
-
-
-def next_seed(night):
-    """A seed no run has used (taken for good only once a run starts with it)."""
-    return night.next_seed + 1
-
-
-def stale_keep(ctx, night, p):
-    """It beats its parent, but the parent is no longer the best: never kept on a stale base. Its
-    edits go on the new best and it runs again as the same experiment."""
-    source = proposals.reapply(records.train_py_at(ctx.repo, night.best.commit), p.edits)
-    if source is None:
-        return ("record", "discard", "beat its parent, but its edits do not apply to the new best")
-    p.rebased_attempts.append(p.attempt)
-    p.attempt += 1
-    p.parent, p.parent_description = night.best.commit, night.best.description
-    p.source = str(Path(p.dir) / f"rebased-{len(p.rebased_attempts)}.py")
-    Path(p.source).write_text(source)
-    p.commit, p.commit_date = None, int(time.time())
-    save_state(ctx, night)
-    return ("run", "candidate", BASE_SEED)
-
-
-# ---------------------------------------------------------------------------
-# 4. Record: the rows, the best, the noise floor, the branch
-# ---------------------------------------------------------------------------
-
-def experiment_rows(ctx, night, p, status, note):
-    """results.tsv lines for every run of the experiment, each description saying what it was."""
-    description = p.description + (f" (fixed after a crash: {p.fix_description})" if p.fix_description else "")
-    lines, runs_in_group = [], {}
-    for r in p.runs:
-        group = (r.role, r.attempt)
-        i = runs_in_group[group] = runs_in_group.get(group, 0) + 1  # run number within its group
-        failed = r.val_bpb is None
-        crash = f" [crash: {r.failure}]" if failed else ""
-        row_status = "keep"  # noise runs and repeats of the best are runs of kept code
-        if r.role == "noise":
-            text = f"noise run {i + 1}/{ctx.noise_runs} (seed {r.seed}): baseline{crash}"
-        elif r.role == "best":
-            text = f"repeat of best (seed {r.seed}): {p.parent_description or night.best.description}{crash}"
-        else:
-            text = (description if r.attempt == p.attempt else p.description) + crash
-            if i > 1:
-                text = f"repeat {i}/{decisions.CONFIRM_RUNS} (seed {r.seed}): {text}"
-            elif r.attempt in p.rebased_attempts and not failed:
-                text += " [beat its parent, which was no longer the best: re-run on the new best]"
-            elif note and not failed and r.attempt == p.attempt:
-                text += f" [{note}]"
-            row_status = status if r.attempt == p.attempt or failed else "discard"
-        lines.append(records.format_row(r.commit, r.val_bpb, r.peak_vram_mb, "crash" if failed else row_status, text))
-    return lines
-
-
-def record(ctx, night, p, status=None, note=None):
-    """Decide the rows, write them once, then move the branch; safe to repeat after a kill
-    (the decision is saved first, everything after it is idempotent)."""
-    if p.final is None:
-        p.final = Final(status, experiment_rows(ctx, night, p, status, note), note)
-        save_state(ctx, night)
-    final = p.final
-    foreign = records.sync_tsv(ctx.tsv, night.rows + final.rows, ctx.run_dir)
-    if foreign:
-        print(f"  note: {foreign}", flush=True)
-    best_before = statistics.fmean(night.best_vals) if night.best_vals else None
-    vals = measured(attempt_runs(p, ("candidate", "noise")))
-    if final.status == "keep":
-        if p.kind != "baseline":
-            night.best = Best(p.commit, p.description)
-        night.groups[night.best.commit] = vals
-    else:
-        if p.commit and p.kind != "baseline":
-            keep_discarded(ctx, f"{p.n:04d}", p.commit)
-        if len(vals) > 1 and p.commit and not final.note.startswith("refused"):  # refused values are no noise
-            night.groups[p.commit] = vals
-    night.sigma = decisions.pooled_std(list(night.groups.values())) or night.sigma
-    if "not confirmed" in final.note:
-        night.wins_rejected += 1
-    night.rows += final.rows
-    night.in_flight.remove(p)
-    night.done += 1
-    save_state(ctx, night)
-    restore_best(ctx, night)
-    status_line(ctx, night, p, final, best_before)
-    if p.kind == "baseline" and final.status == "crash":
-        raise SystemExit(f"autoresearch: the baseline train.py failed: {p.runs[-1].failure}; "
-                         f"see {p.runs[-1].log}. Fix train.py, commit it on {night.branch} "
-                         f"and run `python driver.py --tag {ctx.tag}` again.")
-    return final
-
-
-def restore_best(ctx, night):
-    """Branch back to the best commit and train.py from it; no other file is touched, and no
-    branch but the driver's moves (HEAD is put back on it first if train.py moved it)."""
-    records.on_branch(ctx.repo, night.branch)
-    git(ctx.repo, "reset", "-q", "--soft", night.best.commit)
-    git(ctx.repo, "checkout", "-q", night.best.commit, "--", "train.py")
-
-
-def keep_discarded(ctx, name, commit):
-    """A discarded attempt stays reachable (and its diff readable) under a ref."""
-    git(ctx.repo, "update-ref", f"refs/autoresearch/{ctx.tag}/discarded/{name}", commit)
-
-
-def short_best(night):
-    vals = night.best_vals
-    return f"{statistics.fmean(vals):.6f} ({night.best.commit[:7]})" if vals else "none yet"
-
-
-def throughput(ctx, night):
-    """Experiments per hour and each slot's duty cycle (share of wall time inside train.py)."""
-    hours = max(night.wall_s, 1e-9) / 3600
-    duty = ", ".join(f"{s.name} {night.slot_seconds.get(s.name, 0.0) / max(night.wall_s, 1e-9):.0%}"
-                     for s in ctx.slots)
-    return f"{night.done / hours:.1f} exp/h, duty {duty}"
-
-
-def status_line(ctx, night, p, final, best_before):
-    """One line per experiment: number, val_bpb, delta vs best, status, cost, totals, throughput."""
-    vals = measured(attempt_runs(p))
-    mean = statistics.fmean(vals) if vals else None
-    val = f"{mean:.6f}" if vals else "   -    "
-    delta = f"{mean - best_before:+.6f}" if vals and best_before is not None else "    -    "
-    sigma = f" sigma {night.sigma:.6f}" if night.sigma and not ctx.greedy else ""
-    usage_file = Path(p.dir) / "usage.json"
-    cost = records.load_json(usage_file)["usd"] if usage_file.exists() else 0.0
-    cost_text = f"${cost:.3f}" if ctx.price_known else "$?"
-    total = f"${night.spend['usd']:.2f}" if ctx.price_known else "cost unknown"
-    note = f" [{final.note}]" if final.note else ""
-    print(f"{p.n:4d}  {val} ({delta})  {final.status:7s} {cost_text:>7s}  {p.description[:60]}{note}  "
-          f"| best {short_best(night)}{sigma}, {total} | {throughput(ctx, night)}", flush=True)

@@ -199,6 +199,12 @@ def save_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
+def metric_hashes(where, prepare):
+    """Hashes of prepare.py (in `where`) and every prepared file the metric reads: the metric's identity."""
+    return {"prepare.py": sha256_file(Path(where) / "prepare.py"),
+            **{str(f): sha256_file(f) for f in prepare.metric_files()}}
+
+
 def sha256_bytes(data):
     return hashlib.sha256(data).hexdigest()
 

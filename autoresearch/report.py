@@ -61,6 +61,11 @@ def report(tsv_path, journal_path=None, png_path=None):
     if night:
         gpu, spend = night.gpu_s, night.spend
         lines.append(f"sandbox: {night.sandbox or 'not recorded (a driver before the sandbox)'}")
+        if night.wall_s:
+            hours = night.wall_s / 3600
+            duty = ", ".join(f"{name} {seconds / night.wall_s:.0%}" for name, seconds in sorted(night.slot_seconds.items()))
+            lines.append(f"throughput: {night.done / hours:.1f} experiments per hour over {hours:.2f} h; GPU duty "
+                         f"cycle (share of wall time inside train.py): {duty or 'no run yet'}")
         lines.append(f"GPU time: {gpu['total'] / 3600:.2f} h, of which noise handling "
                      f"{gpu['noise'] / 3600:.2f} h ({gpu['noise'] / max(gpu['total'], 1e-9):.0%})")
         lines.append(f"spend: ${spend['usd']:.2f} ({spend.get('input', 0)} input, "

@@ -12,7 +12,7 @@ import pytest
 
 from driver_helpers import (BASE_LINE, MODE_LINE, DRIVER_ARGS, STANDINS, branch_log, check_real_runs,  # noqa: F401
                             fake, git, pid_gone, repo, rows, run, use_real_train_py)
-from autoresearch import cli, llm, loop, records, slots, training
+from autoresearch import cli, experiment, llm, records, slots, training
 from autoresearch.report import report
 from fake_anthropic import drop, edit, error, slow
 
@@ -343,7 +343,7 @@ class Killed(BaseException):
 KILL_POINTS = {  # where -> (module, function): die right after it returns
     "llm.ask": (llm, "ask"), "commit_candidate": (slots, "commit_candidate"),
     "run_training": (training, "run_training"), "sync_tsv": (records, "sync_tsv"),
-    "save_state (final decision)": (loop, "save_state")}
+    "save (final decision)": (experiment, "save")}
 
 
 @pytest.mark.parametrize("where", KILL_POINTS)
@@ -361,7 +361,7 @@ def test_killed_at_any_step_then_restarted(repo, fake, monkeypatch, where):
         result = original(*args, **kwargs)
         if name == "sync_tsv" and len(args[1]) < 2:  # only once the experiment's row is written
             return result
-        if name != "save_state" or any(p.final for p in args[1].in_flight):
+        if name != "save" or any(p.final for p in args[1].in_flight):
             raise Killed
         return result
     monkeypatch.setattr(module, name, dies_after)

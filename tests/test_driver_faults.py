@@ -16,7 +16,7 @@ import pytest
 from driver_helpers import (BASE_LINE, MODE_LINE, DRIVER_ARGS, branch_log, fake, git, journal, noisy,  # noqa: F401
                             pid_gone, repo, rows, run)
 from fake_anthropic import cut_short, edit, error, html_page, not_a_message
-from autoresearch import cli, decisions, llm, loop, records
+from autoresearch import cli, decisions, experiment, llm, records
 
 
 class Killed(BaseException):
@@ -146,16 +146,16 @@ def test_noise_floor_after_a_resume_is_the_uninterrupted_one(noisy, fake, monkey
              edit("small gain on top", ("TRUE_BPB = 0.995000", "TRUE_BPB = 0.994000"), ("DATA_ORDER = 0", "DATA_ORDER = 3"))]
     fake.replies += ideas
     if killed:
-        original = loop.save_state
+        original = experiment.save
 
         def dies_after_repeat_of_best(ctx, night):
             original(ctx, night)
             if any(p.runs and p.runs[-1].role == "best" for p in night.in_flight):
                 raise Killed
-        monkeypatch.setattr(loop, "save_state", dies_after_repeat_of_best)
+        monkeypatch.setattr(experiment, "save", dies_after_repeat_of_best)
         with pytest.raises(Killed):
             run("--max-experiments", "2")
-        monkeypatch.setattr(loop, "save_state", original)
+        monkeypatch.setattr(experiment, "save", original)
     assert run("--max-experiments", "2") == 0
     r = rows(noisy)
     assert [x["description"].split(":")[0] for x in r[4:]] == [
@@ -369,14 +369,14 @@ def test_a_kill_before_a_fix_is_recorded_re_asks_from_the_attempts_own_conversat
                      edit("the fix", ('MODE = "crash"', MODE_LINE)),
                      edit("the fix", ('MODE = "crash"', MODE_LINE))]
     assert run("--max-experiments", "0", "--greedy") == 0
-    original = loop.save_state
+    original = experiment.save
 
     def dies_when_the_fix_is_recorded(ctx, night):
         if any(p.attempt == 1 for p in night.in_flight):
             raise Killed
         original(ctx, night)
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "save_state", dies_when_the_fix_is_recorded)
+        patch.setattr(experiment, "save", dies_when_the_fix_is_recorded)
         with pytest.raises(Killed):
             run("--max-experiments", "1", "--greedy")
     assert run("--max-experiments", "1", "--greedy") == 0

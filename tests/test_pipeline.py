@@ -80,6 +80,9 @@ def test_slots_train_side_by_side_each_on_its_gpu_in_its_worktree(repo, fake):
     assert [x["description"].split(" (")[0] for x in rows(repo)] == ["baseline", "noise run 2/3", "noise run 3/3"]
     assert journal(repo)["wall_s"] < 3 * 1.0 + 1.5  # three 1-second runs, two of them side by side
     assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+    summary = cli.report(repo / "results.tsv", repo / "runs/t/journal.json")
+    throughput = next(line for line in summary if line.startswith("throughput:"))
+    assert "experiments per hour" in throughput and "gpu0 " in throughput and "gpu1 " in throughput
 
 
 def test_a_win_on_a_stale_base_is_re_run_on_the_new_best(repo, fake):

@@ -1,0 +1,204 @@
+"""An experiment's course: what it needs next (a run, a fix, a decision on its parent's runs)
+and how it ends (its rows, the best, the noise floor, the branch). The loop asks next_step of
+every experiment in flight and carries out the answer.
+"""
+
+import statistics
+import time
+from pathlib import Path
+
+from autoresearch import decisions, proposals, records
+from autoresearch.records import Best, Final, git
+
+BASE_SEED = 42                     # seed of every first run; repeats take BASE_SEED+1, +2, ...
+
+
+def save(ctx, night):
+    """The journal, after every step."""
+    records.save_night(ctx.journal, night)
+
+
+def running(ctx, p):
+    """The slots training a run of this experiment now."""
+    return [s for s in ctx.slots if s.job and s.job[0] == p.n]
+
+
+# ---------------------------------------------------------------------------
+# What an experiment needs next (decisions.decide on its parent's runs)
+# ---------------------------------------------------------------------------
+
+def attempt_runs(p, roles=("candidate",)):
+    """The experiment's runs of the current attempt's code (a fix after a crash is a new attempt)."""
+    return [r for r in p.runs if r.role in roles and r.attempt == p.attempt]
+
+
+def measured(runs):
+    """val_bpb of the runs that produced one."""
+    return [r.val_bpb for r in runs if r.val_bpb is not None]
+
+
+def next_step(ctx, night, p):
+    """("run", role, seed), ("fix", failed run), ("record", status, note) or ("wait",). A keep on a
+    parent that is no longer the best re-bases the experiment (see stale_keep)."""
+    if p.final:
+        return ("record", p.final.status, p.final.note)
+    if running(ctx, p) and p.kind != "baseline":
+        return ("wait",)
+    cand = attempt_runs(p, ("candidate", "noise"))
+    if p.kind == "candidate" and not night.best_vals:
+        return ("wait",)  # ideas start once the baseline is measured
+    if not cand:
+        return ("wait",) if running(ctx, p) else ("run", "candidate", BASE_SEED)
+    if cand[0].val_bpb is None:  # the attempt's first run failed
+        if p.kind == "baseline" or p.attempt >= ctx.fix_attempts:
+            return ("record", "crash", "")
+        return ("fix", cand[0])
+    if p.kind == "baseline":  # its noise runs may train side by side on free slots
+        if len(cand) + len(running(ctx, p)) < ctx.noise_runs:
+            return ("run", "noise", next_seed(night))
+        return ("wait",) if running(ctx, p) else ("record", "keep", "")
+    vals = measured(attempt_runs(p))
+    repeats = attempt_runs(p)[1:]
+    no_repeat = "a repeat crashed" if any(r.val_bpb is None for r in repeats) else \
+        "" if decisions.budget_allows(night.run_counts) else "noise budget spent"
+    action, note = decisions.decide(vals, night.groups.get(p.parent, []), night.sigma, ctx.greedy, no_repeat)
+    if action == "repeat":
+        return ("run", "candidate", next_seed(night))
+    if action == "repeat_best":
+        return ("run", "best", next_seed(night))
+    if action == "keep" and p.parent != night.best.commit:
+        return stale_keep(ctx, night, p)
+    if note and len(vals) > 1 and len(set(vals)) == 1:
+        action, note = "discard", "refused: identical val_bpb on different seeds (train.py ignores AUTORESEARCH_SEED)"
+    return ("record", action, note)
+
+
+def next_seed(night):
+    """A seed no run has used (taken for good only once a run starts with it)."""
+    return night.next_seed + 1
+
+
+def stale_keep(ctx, night, p):
+    """It beats its parent, but the parent is no longer the best: never kept on a stale base. Its
+    edits go on the new best and it runs again as the same experiment."""
+    source = proposals.reapply(records.train_py_at(ctx.repo, night.best.commit), p.edits)
+    if source is None:
+        return ("record", "discard", "beat its parent, but its edits do not apply to the new best")
+    p.rebased_attempts.append(p.attempt)
+    p.attempt += 1
+    p.parent, p.parent_description = night.best.commit, night.best.description
+    p.source = str(Path(p.dir) / f"rebased-{len(p.rebased_attempts)}.py")
+    Path(p.source).write_text(source)
+    p.commit, p.commit_date = None, int(time.time())
+    save(ctx, night)
+    return ("run", "candidate", BASE_SEED)
+
+
+# ---------------------------------------------------------------------------
+# How it ends: the rows, the best, the noise floor, the branch
+# ---------------------------------------------------------------------------
+
+def experiment_rows(ctx, night, p, status, note):
+    """results.tsv lines for every run of the experiment, each description saying what it was."""
+    description = p.description + (f" (fixed after a crash: {p.fix_description})" if p.fix_description else "")
+    lines, runs_in_group = [], {}
+    for r in p.runs:
+        group = (r.role, r.attempt)
+        i = runs_in_group[group] = runs_in_group.get(group, 0) + 1  # run number within its group
+        failed = r.val_bpb is None
+        crash = f" [crash: {r.failure}]" if failed else ""
+        row_status = "keep"  # noise runs and repeats of the best are runs of kept code
+        if r.role == "noise":
+            text = f"noise run {i + 1}/{ctx.noise_runs} (seed {r.seed}): baseline{crash}"
+        elif r.role == "best":
+            text = f"repeat of best (seed {r.seed}): {p.parent_description or night.best.description}{crash}"
+        else:
+            text = (description if r.attempt == p.attempt else p.description) + crash
+            if i > 1:
+                text = f"repeat {i}/{decisions.CONFIRM_RUNS} (seed {r.seed}): {text}"
+            elif r.attempt in p.rebased_attempts and not failed:
+                text += " [beat its parent, which was no longer the best: re-run on the new best]"
+            elif note and not failed and r.attempt == p.attempt:
+                text += f" [{note}]"
+            row_status = status if r.attempt == p.attempt or failed else "discard"
+        lines.append(records.format_row(r.commit, r.val_bpb, r.peak_vram_mb, "crash" if failed else row_status, text))
+    return lines
+
+
+def record(ctx, night, p, status=None, note=None):
+    """Decide the rows, write them once, then move the branch; safe to repeat after a kill
+    (the decision is saved first, everything after it is idempotent)."""
+    if p.final is None:
+        p.final = Final(status, experiment_rows(ctx, night, p, status, note), note)
+        save(ctx, night)
+    final = p.final
+    foreign = records.sync_tsv(ctx.tsv, night.rows + final.rows, ctx.run_dir)
+    if foreign:
+        print(f"  note: {foreign}", flush=True)
+    best_before = statistics.fmean(night.best_vals) if night.best_vals else None
+    vals = measured(attempt_runs(p, ("candidate", "noise")))
+    if final.status == "keep":
+        if p.kind != "baseline":
+            night.best = Best(p.commit, p.description)
+        night.groups[night.best.commit] = vals
+    else:
+        if p.commit and p.kind != "baseline":
+            keep_discarded(ctx, f"{p.n:04d}", p.commit)
+        if len(vals) > 1 and p.commit and not final.note.startswith("refused"):  # refused values are no noise
+            night.groups[p.commit] = vals
+    night.sigma = decisions.pooled_std(list(night.groups.values())) or night.sigma
+    if "not confirmed" in final.note:
+        night.wins_rejected += 1
+    night.rows += final.rows
+    night.in_flight.remove(p)
+    night.done += 1
+    save(ctx, night)
+    restore_best(ctx, night)
+    status_line(ctx, night, p, final, best_before)
+    if p.kind == "baseline" and final.status == "crash":
+        raise SystemExit(f"autoresearch: the baseline train.py failed: {p.runs[-1].failure}; "
+                         f"see {p.runs[-1].log}. Fix train.py, commit it on {night.branch} "
+                         f"and run `python driver.py --tag {ctx.tag}` again.")
+    return final
+
+
+def restore_best(ctx, night):
+    """Branch back to the best commit and train.py from it; no other file is touched, and no
+    branch but the driver's moves (HEAD is put back on it first if train.py moved it)."""
+    records.on_branch(ctx.repo, night.branch)
+    git(ctx.repo, "reset", "-q", "--soft", night.best.commit)
+    git(ctx.repo, "checkout", "-q", night.best.commit, "--", "train.py")
+
+
+def keep_discarded(ctx, name, commit):
+    """A discarded attempt stays reachable (and its diff readable) under a ref."""
+    git(ctx.repo, "update-ref", f"refs/autoresearch/{ctx.tag}/discarded/{name}", commit)
+
+
+def short_best(night):
+    vals = night.best_vals
+    return f"{statistics.fmean(vals):.6f} ({night.best.commit[:7]})" if vals else "none yet"
+
+
+def throughput(ctx, night):
+    """Experiments per hour and each slot's duty cycle (share of wall time inside train.py)."""
+    hours = max(night.wall_s, 1e-9) / 3600
+    duty = ", ".join(f"{s.name} {night.slot_seconds.get(s.name, 0.0) / max(night.wall_s, 1e-9):.0%}"
+                     for s in ctx.slots)
+    return f"{night.done / hours:.1f} exp/h, duty {duty}"
+
+
+def status_line(ctx, night, p, final, best_before):
+    """One line per experiment: number, val_bpb, delta vs best, status, cost, totals, throughput."""
+    vals = measured(attempt_runs(p))
+    mean = statistics.fmean(vals) if vals else None
+    val = f"{mean:.6f}" if vals else "   -    "
+    delta = f"{mean - best_before:+.6f}" if vals and best_before is not None else "    -    "
+    sigma = f" sigma {night.sigma:.6f}" if night.sigma and not ctx.greedy else ""
+    usage_file = Path(p.dir) / "usage.json"
+    cost = records.load_json(usage_file)["usd"] if usage_file.exists() else 0.0
+    cost_text = f"${cost:.3f}" if ctx.price_known else "$?"
+    total = f"${night.spend['usd']:.2f}" if ctx.price_known else "cost unknown"
+    note = f" [{final.note}]" if final.note else ""
+    print(f"{p.n:4d}  {val} ({delta})  {final.status:7s} {cost_text:>7s}  {p.description[:60]}{note}  "
+          f"| best {short_best(night)}{sigma}, {total} | {throughput(ctx, night)}", flush=True)

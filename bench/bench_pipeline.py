@@ -1,0 +1,137 @@
+"""
+The pipeline against the sequential driver: a simulated night per mode, side by side in one run.
+A fake LLM server answers after --llm-s seconds; a stand-in train.py "trains" for --run-s seconds
+(the real ratio of 300 s of training to ~60 s of thinking, scaled down) and scores 1.0 plus the
+true effects of the ideas in it plus seeded noise, so every keep can be judged. Prints, for the
+sequential mode (--pipeline off), the pipeline on 1 slot and on 4 slots: experiments per hour,
+the GPU duty cycle (share of wall time each slot spent inside train.py), the driver's own time
+between two runs on a slot, and the false-keep rate. Needs no GPU. Prints figures; asserts nothing.
+
+Usage: python bench/bench_pipeline.py [--run-s 10] [--llm-s 2] [--experiments 16]
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from fake_anthropic import FakeAnthropic, edit  # noqa: E402
+from autoresearch import cli, records  # noqa: E402
+
+KNOBS = 40            # lines of the stand-in an idea may change, one each
+NOISE_STD = 0.001     # val_bpb's spread between seeds of the same code
+STANDIN = '''"""Stand-in train.py for bench_pipeline.py: sleeps, then scores 1.0 + the knobs + noise."""
+import os, random, time
+import prepare
+SLEEP_S = {run_s}
+{knobs}
+seed = int(os.environ["AUTORESEARCH_SEED"])
+time.sleep(SLEEP_S)
+effects = sum(v for k, v in globals().items() if k.startswith("KNOB_"))
+noise = {noise} * random.Random(f"{{seed}}:{{effects:.6f}}").gauss(0, 1)
+print(f"---\\nval_bpb: {{1.0 + effects + noise:.6f}}\\npeak_vram_mb: 0.0\\nseed: {{seed}}")
+print(f"max_seq_len: {{prepare.MAX_SEQ_LEN}}\\ntime_budget: {{prepare.TIME_BUDGET}}\\neval_tokens: {{prepare.EVAL_TOKENS}}")
+'''
+
+
+def ideas(llm_s, seed=0):
+    """The scripted LLM: after llm_s seconds, sets one knob still at 0 in the train.py it is shown to
+    a drawn true effect (half worse, a third neutral, the rest real gains of 0.5-3 sigma)."""
+    rng, truth = random.Random(seed), {}
+
+    def reply(request):
+        time.sleep(llm_s)
+        shown = request["messages"][0]["content"][0]["text"]
+        free = [int(k) for k in re.findall(r"^KNOB_(\d+) = 0\.0$", shown, re.M)]
+        knob = rng.choice(free)
+        u = rng.random()
+        effect = NOISE_STD * (rng.uniform(0.5, 4) if u < 0.5 else 0.0 if u < 0.85 else -rng.uniform(0.5, 3))
+        name = f"idea {len(truth) + 1}: knob {knob}"
+        truth[name] = effect
+        return edit(name, (f"KNOB_{knob:02d} = 0.0", f"KNOB_{knob:02d} = {effect:.6f}"))
+    return reply, truth
+
+
+def night(mode, args):
+    """One simulated night in a fresh repository; its figures."""
+    work = Path(tempfile.mkdtemp(prefix=f"bench-pipeline-{mode}-"))
+    repo, cache = work / "repo", work / "cache"
+    repo.mkdir()
+    cache.mkdir()
+    (cache / "val.bin").write_bytes(b"val")
+    (cache / "token_bytes.bin").write_bytes(b"bytes")
+    shutil.copy(ROOT / "driver.py", repo)
+    shutil.copytree(ROOT / "autoresearch", repo / "autoresearch", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "tests" / "standins" / "prepare.py", repo)
+    knobs = "\n".join(f"KNOB_{k:02d} = 0.0" for k in range(KNOBS))
+    (repo / "train.py").write_text(STANDIN.format(run_s=args.run_s, knobs=knobs, noise=NOISE_STD))
+    (repo / "program.md").write_text("Lower val_bpb.\n")
+    (repo / ".gitignore").write_text("results.tsv\nruns/\n__pycache__/\n")
+    for command in (["init", "-q", "-b", "main"], ["add", "."], ["-c", "user.email=b@x", "-c", "user.name=b",
+                                                                "commit", "-q", "-m", "stand-in"]):
+        subprocess.run(["git", *command], cwd=repo, check=True)
+    fake = FakeAnthropic()
+    reply, truth = ideas(args.llm_s)
+    fake.replies += [reply] * (args.experiments * 3)
+    os.environ.update(ANTHROPIC_BASE_URL=fake.url, ANTHROPIC_API_KEY="bench", AUTORESEARCH_CACHE=str(cache),
+                      AUTORESEARCH_TIME_BUDGET="300")
+    flags = {"sequential": ["--pipeline", "off"], "pipeline-1": [], "pipeline-4": ["--gpus", "0,1,2,3"]}[mode]
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:  # the baseline first (its runs are not ideas), then the ideas: the figures are the second session's
+        with contextlib.redirect_stdout(io.StringIO()):
+            cli.main(["--tag", "b", "--allow-cpu", "--sandbox", "off", "--max-experiments", "0", *flags])
+            before = json.loads((repo / "runs/b/journal.json").read_text())
+            cli.main(["--tag", "b", "--allow-cpu", "--sandbox", "off", "--max-experiments", str(args.experiments),
+                      *flags])
+    finally:
+        os.chdir(cwd)
+        fake.close()
+    st = json.loads((repo / "runs/b/journal.json").read_text())
+    rows = records.read_tsv(repo / "results.tsv")
+    kept = [r for r in rows if r["status"] == "keep" and r["description"].split(" [")[0] in truth]
+    false_keeps = [r for r in kept if truth[r["description"].split(" [")[0]] >= 0]
+    wall, done = st["wall_s"] - before["wall_s"], st["done"] - before["done"]
+    runs = len(rows) - len(before["rows"])
+    busy = sum(st["slot_seconds"].values()) - sum(before["slot_seconds"].values())
+    n_slots = flags[-1].count(",") + 1 if "--gpus" in flags else 1
+    shutil.rmtree(work, ignore_errors=True)
+    return {"experiments": done, "wall_s": wall, "per_hour": done / (wall / 3600), "duty": busy / n_slots / wall,
+            "slots": n_slots, "runs": runs, "gap_s": (wall * n_slots - busy) / max(runs, 1), "kept": len(kept),
+            "false_keeps": len(false_keeps)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--run-s", type=float, default=10.0, help="seconds a stand-in run trains (default 10)")
+    parser.add_argument("--llm-s", type=float, default=2.0, help="seconds the fake LLM thinks (default 2)")
+    parser.add_argument("--experiments", type=int, default=24, help="ideas per night after the baseline (default 24)")
+    args = parser.parse_args()
+    print(f"stand-in runs of {args.run_s:g} s, LLM replies after {args.llm_s:g} s, {args.experiments} ideas a night "
+          f"after the baseline (figures from the ideas' session only); noise-aware rule, sigma {NOISE_STD}")
+    print(f"{'mode':>12} {'slots':>5} {'exp':>4} {'runs':>5} {'wall s':>7} {'exp/h':>7} {'duty':>6} "
+          f"{'gap s/run':>9} {'kept':>5} {'false keeps':>11}")
+    results = {}
+    for mode in ("sequential", "pipeline-1", "pipeline-4"):
+        r = results[mode] = night(mode, args)
+        print(f"{mode:>12} {r['slots']:>5} {r['experiments']:>4} {r['runs']:>5} {r['wall_s']:7.1f} {r['per_hour']:7.1f} "
+              f"{r['duty']:6.1%} {r['gap_s']:9.2f} {r['kept']:>5} {r['false_keeps']:>4} "
+              f"({r['false_keeps'] / max(r['kept'], 1):.0%})", flush=True)
+    speedup = results["pipeline-4"]["per_hour"] / results["pipeline-1"]["per_hour"]
+    print(f"\n4 slots vs 1: {speedup:.2f}x the experiments per hour; 1-slot pipeline duty "
+          f"{results['pipeline-1']['duty']:.1%} (sequential {results['sequential']['duty']:.1%})")
+
+
+if __name__ == "__main__":
+    main()

@@ -716,6 +716,9 @@ def check_causal(model, x, logits, vocab_size):
         before, after = logits[row, :t + 1].float(), other[row, :t + 1].float()
         moved = (before - after).abs().amax(dim=-1)  # (t + 1,) largest change at each position
         tolerance = CAUSALITY_RTOL * before.abs().max() + 1e-6
+        if (moved > tolerance).any():  # a model whose kernels are not deterministic: the same input twice
+            jitter = (before - model(x)[row, :t + 1].float()).abs().amax(dim=-1)
+            tolerance = torch.maximum(tolerance, 4 * jitter.max())
         if (moved > tolerance).any():
             position = int((moved > tolerance).nonzero()[0])
             fail(f"the model's output at position {position} depends on later tokens (changing the tokens "

@@ -170,6 +170,9 @@ def check_repo(args, repo):
     for name in ("train.py", "prepare.py"):
         if not (repo / name).exists():
             raise SystemExit(f"autoresearch: no {name} in {repo}; run the driver inside the autoresearch repository")
+    if git(repo, "status", "--porcelain", "--", "prepare.py"):
+        raise SystemExit("autoresearch: prepare.py has uncommitted changes; commit or revert them first (every "
+                         "run trains in a worktree of a commit, so it uses the committed prepare.py)")
     prepare = load_prepare(repo)
     try:
         hashes = records.metric_hashes(repo, prepare)

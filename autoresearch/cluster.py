@@ -11,7 +11,8 @@ import os
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoresearch import training
@@ -22,20 +23,38 @@ class RayRunner:
     """Runs train.py as Ray tasks on the cluster the driver is connected to."""
     project: str                   # the repository, at the same path on every node
     gpus: int                      # GPUs in the cluster: one slot each
+    in_flight: set = field(default_factory=set)
 
     def run(self, source, ctx, night, seed, log_path):
-        """One run as a Ray task of one GPU; blocks until it ends (in a slot's thread)."""
+        """One run as a Ray task of one GPU; blocks until it ends (in a slot's thread). A task that
+        fails (a lost node, a killed worker) is a failed run, not the end of the night."""
         import ray
         env = {k: v for k, v in os.environ.items() if k.startswith("AUTORESEARCH_")}
         task = ray.remote(num_gpus=1, max_retries=0)(train_on_node)
-        result, log_text, hashes, node = ray.get(task.remote(source, self.project, seed, ctx.timeout_s,
-                                                             night.settings, env, ctx.pass_env))
+        start = time.time()
+        ref = task.remote(source, self.project, seed, ctx.timeout_s, night.settings, env, ctx.pass_env,
+                          getattr(ctx.sandbox, "allow_network", None) if getattr(ctx.sandbox, "bwrap", None) else None)
+        self.in_flight.add(ref)
+        try:
+            result, log_text, hashes, node = ray.get(ref)
+        except ray.exceptions.RayError as error:
+            Path(log_path).write_text(f"{type(error).__name__}: {error}\n")
+            return training.RunResult(None, 0.0, time.time() - start,
+                                      f"the Ray task failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        finally:
+            self.in_flight.discard(ref)
         Path(log_path).write_text(log_text)
         if hashes != night.metric_hashes:
             return training.RunResult(None, 0.0, result.seconds, (
                 f"refused: node {node} has another prepare.py or other prepared data than the run started "
                 "with (metric hashes differ); prepare every node the same way, under the same AUTORESEARCH_CACHE"))
         return result
+
+    def cancel_all(self):
+        """End the tasks still running (the driver stops): Ray kills their workers."""
+        import ray
+        for ref in list(self.in_flight):
+            ray.cancel(ref, force=True)
 
 
 def connect(address, project):
@@ -52,10 +71,11 @@ def connect(address, project):
     return RayRunner(str(project), gpus)
 
 
-def train_on_node(source, project, seed, timeout_s, settings, env, pass_env):
-    """A Ray task: train.py (its text) beside the node's prepare.py in a scratch directory,
-    trained once; returns (RunResult, the log, the node's metric hashes, the node's name)."""
-    from autoresearch import cli, records  # on the node
+def train_on_node(source, project, seed, timeout_s, settings, env, pass_env, sandboxed_network=None):
+    """A Ray task: train.py (its text) beside the node's prepare.py in a scratch directory, trained
+    once (in the node's bubblewrap when the driver sandboxes: sandboxed_network is then whether the
+    network is allowed); returns (RunResult, the log, the node's metric hashes, the node's name)."""
+    from autoresearch import cli, records, sandbox  # on the node
     work = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
     try:
         shutil.copy(Path(project) / "prepare.py", work / "prepare.py")
@@ -67,8 +87,12 @@ def train_on_node(source, project, seed, timeout_s, settings, env, pass_env):
         finally:
             for k, v in previous.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        box = None
+        if sandboxed_network is not None:
+            box = sandbox.choose("on", sandboxed_network, work)  # refuses, with the reason, where it cannot
         result = training.run_training(work, work / "train.log", seed, timeout_s, settings, work / "train.pid",
-                                       pass_env, extra_env=env)
+                                       pass_env, box, env.get("AUTORESEARCH_CACHE") or cli.load_prepare(work).CACHE_DIR,
+                                       extra_env=env)
         return result, (work / "train.log").read_text(errors="replace"), hashes, socket.gethostname()
     finally:
         shutil.rmtree(work, ignore_errors=True)

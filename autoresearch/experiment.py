@@ -50,7 +50,7 @@ def next_step(ctx, night, p):
     if not cand:
         return ("wait",) if running(ctx, p) else ("run", "candidate", BASE_SEED)
     if cand[0].val_bpb is None:  # the attempt's first run failed
-        if p.kind == "baseline" or p.attempt >= ctx.fix_attempts:
+        if p.kind == "baseline" or p.attempt - len(p.rebased_attempts) >= ctx.fix_attempts:  # (rebases are no fixes)
             return ("record", "crash", "")
         return ("fix", cand[0])
     if p.kind == "baseline":  # its noise runs may train side by side on free slots
@@ -66,10 +66,10 @@ def next_step(ctx, night, p):
         return ("run", "candidate", next_seed(night))
     if action == "repeat_best":
         return ("run", "best", next_seed(night))
+    if note and len(vals) > 1 and len(set(vals)) == 1:
+        return ("record", "discard", "refused: identical val_bpb on different seeds (train.py ignores AUTORESEARCH_SEED)")
     if action == "keep" and p.parent != night.best.commit:
         return stale_keep(ctx, night, p)
-    if note and len(vals) > 1 and len(set(vals)) == 1:
-        action, note = "discard", "refused: identical val_bpb on different seeds (train.py ignores AUTORESEARCH_SEED)"
     return ("record", action, note)
 
 
@@ -84,14 +84,24 @@ def stale_keep(ctx, night, p):
     source = proposals.reapply(records.train_py_at(ctx.repo, night.best.commit), p.edits)
     if source is None:
         return ("record", "discard", "beat its parent, but its edits do not apply to the new best")
+    keep_discarded(ctx, f"{p.n:04d}-{p.attempt + 1}", p.commit)  # the stale attempt stays readable
+    conversation = conversation_path(p, p.attempt)
     p.rebased_attempts.append(p.attempt)
     p.attempt += 1
+    if conversation.exists():  # a fix of the re-run continues the same conversation
+        conversation_path(p, p.attempt).write_text(conversation.read_text())
     p.parent, p.parent_description = night.best.commit, night.best.description
-    p.source = str(Path(p.dir) / f"rebased-{len(p.rebased_attempts)}.py")
+    p.source = str(Path(p.dir) / f"candidate-{p.attempt + 1}.py")
     Path(p.source).write_text(source)
     p.commit, p.commit_date = None, int(time.time())
     save(ctx, night)
     return ("run", "candidate", BASE_SEED)
+
+
+def conversation_path(p, attempt):
+    """Each attempt's conversation in a file of its own: a kill before a fix is recorded re-asks
+    from the attempt's own conversation, never from one that holds the unrecorded fix."""
+    return Path(p.dir) / ("conversation.json" if attempt == 0 else f"conversation-{attempt + 1}.json")
 
 
 # ---------------------------------------------------------------------------
@@ -156,6 +166,8 @@ def record(ctx, night, p, status=None, note=None):
     restore_best(ctx, night)
     status_line(ctx, night, p, final, best_before)
     if p.kind == "baseline" and final.status == "crash":
+        night.in_flight.clear()  # ideas proposed against the broken baseline: asked again after the fix
+        save(ctx, night)
         raise SystemExit(f"autoresearch: the baseline train.py failed: {p.runs[-1].failure}; "
                          f"see {p.runs[-1].log}. Fix train.py, commit it on {night.branch} "
                          f"and run `python driver.py --tag {ctx.tag}` again.")

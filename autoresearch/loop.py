@@ -82,16 +82,21 @@ def run_night(ctx, night):
                 raise value
             if kind == "run":
                 finish_run(ctx, night, key, value)
+            elif kind == "usage":
+                proposals.add_spend(ctx, night, asking[key][0].exp_dir, [value])
+                experiment.save(ctx, night)
             else:
                 answered(ctx, night, asking.pop(key), value)
     finally:
         for slot in ctx.slots:  # end what still trains (Ctrl-C, SIGTERM, an error): never an orphan on the GPU
             training.kill_stale_training(slot.pid_file)
+            if slot.ray:
+                slot.ray.cancel_all()
 
 
-def stop_reason(ctx, night, asking=0):
-    """Why no new idea is asked for now ("" when one may); `asking`: ideas asked for, not answered."""
-    done = night.next_n - 1 + asking
+def stop_reason(ctx, night, asking=()):
+    """Why no new idea is asked for now ("" when one may); `asking`: numbers of ideas asked for."""
+    done = max([night.next_n] + [n + 1 for n in asking]) - 1
     if ctx.max_experiments is not None and done >= ctx.max_experiments:
         return f"{done} experiments done (--max-experiments)"
     if deadline_near(ctx, night):
@@ -127,7 +132,7 @@ def ask(ctx, night, events, asking):
     ideas = [n for n, (request, *_) in asking.items() if request.kind == "idea"]
     waiting = sum(p.kind == "candidate" and not p.runs and not experiment.running(ctx, p) for p in night.in_flight)
     wanted = ctx.lookahead if ctx.lookahead else (0 if night.in_flight or asking else 1)  # off: one at a time
-    while waiting + len(ideas) < wanted and len(asking) < most and not stop_reason(ctx, night, len(ideas)):
+    while waiting + len(ideas) < wanted and len(asking) < most and not stop_reason(ctx, night, ideas):
         n = max([night.next_n] + [i + 1 for i in ideas])  # counted once answered: a kill re-asks under it
         best_py = records.train_py_at(ctx.repo, night.best.commit)
         submit(ctx, night, events, asking, proposals.Ask(
@@ -150,12 +155,13 @@ def prompt_history(night, ctx):
 def submit(ctx, night, events, asking, request):
     asking[request.n] = (request, night.best.commit, night.best.description)
     settings = dict(night.settings)
-    slots.in_thread(events, "answer", request.n, lambda: proposals.propose(ctx, settings, request))
+    on_reply = lambda usage: events.put(("usage", request.n, usage))  # noqa: E731  (paid: counted at once)
+    slots.in_thread(events, "answer", request.n, lambda: proposals.propose(ctx, settings, request, on_reply))
 
 
 def fix_ask(ctx, night, p, failed):
     """A request for a fix: the failed run's log tail back to the model, in the attempt's conversation."""
-    path = conversation_path(p, p.attempt)
+    path = experiment.conversation_path(p, p.attempt)
     messages = records.load_json(path if path.exists() else Path(p.dir) / "conversation.json")  # (older drivers)
     last_tool = next(b["id"] for b in reversed(messages[-1]["content"]) if b["type"] == "tool_use")
     tail = "\n".join(Path(failed.log).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
@@ -166,20 +172,13 @@ def fix_ask(ctx, night, p, failed):
     if p.commit:
         experiment.keep_discarded(ctx, f"{p.n:04d}-{p.attempt + 1}", p.commit)
     return proposals.Ask(p.n, "fix", Path(p.dir), Path(p.source).read_text(),
-                         records.train_py_at(ctx.repo, night.best.commit), prompt_history(night, ctx), messages,
-                         conversation_path(p, p.attempt + 1), frozenset(night.tried))
-
-
-def conversation_path(p, attempt):
-    """Each attempt's conversation in a file of its own: a kill before a fix is recorded re-asks
-    from the attempt's own conversation, never from one that holds the unrecorded fix."""
-    return Path(p.dir) / ("conversation.json" if attempt == 0 else f"conversation-{attempt + 1}.json")
+                         records.train_py_at(ctx.repo, p.parent), prompt_history(night, ctx), messages,
+                         experiment.conversation_path(p, p.attempt + 1), frozenset(night.tried))
 
 
 def answered(ctx, night, asked, answer):
     """An answer from the proposer: a new experiment, a fix as the next attempt, or nothing valid."""
     request, parent, parent_description = asked
-    proposals.add_spend(ctx, night, request.exp_dir, answer.usages)
     p = next((p for p in night.in_flight if p.n == request.n), None)
     night.next_n = max(night.next_n, request.n + 1)
     if answer.source is not None:
@@ -213,9 +212,11 @@ def answered(ctx, night, asked, answer):
 def start_runs(ctx, night, events):
     """Give each free slot a run; returns the slots that are training."""
     for slot in ctx.slots:
-        if slot.job or deadline_near(ctx, night):
+        if slot.job:
             continue
         for p in list(night.in_flight):
+            if deadline_near(ctx, night) and not p.runs:  # near the deadline: finish what was started, no more
+                continue
             step = experiment.next_step(ctx, night, p)
             if step[0] == "run":
                 start_run(ctx, night, events, slot, p, *step[1:])
@@ -250,7 +251,7 @@ def rebase(ctx, night, p):
         night.in_flight.remove(p)
     else:
         p.parent, p.parent_description = night.best.commit, night.best.description
-        p.source = str(Path(p.dir) / f"rebased-{len(p.rebased_attempts) + p.attempt + 1}.py")
+        p.source = str(Path(p.dir) / "candidate-rebased.py")  # (before any run: nothing measured is overwritten)
         Path(p.source).write_text(source)
     experiment.save(ctx, night)
     return source is not None

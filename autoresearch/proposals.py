@@ -6,7 +6,7 @@ thread, turns answers into experiments and adds their cost to the run's spend.
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from autoresearch import edits, llm, prompt, records
@@ -33,12 +33,12 @@ class Answer:
     description: str | None        # None: no valid edit after EDIT_ATTEMPTS
     source: str | None
     edits: list | None
-    usages: list = field(default_factory=list)
 
 
-def propose(ctx, settings, ask):
+def propose(ctx, settings, ask, on_reply):
     """Ask until an edit validates (EDIT_ATTEMPTS); every request, reply and the conversation are
-    kept in the experiment's directory. Runs in the proposer's thread: reads files, writes only there."""
+    kept in the experiment's directory, and each reply's usage goes to on_reply at once (the loop
+    adds it to the spend and saves it). Runs in a thread of its own: reads files, writes only there."""
     program = ctx.repo / "program.md"
     answer = Answer(None, None, None)
     for _ in range(EDIT_ATTEMPTS):
@@ -50,7 +50,7 @@ def propose(ctx, settings, ask):
         replies_path = ask.exp_dir / "reply.json"
         replies = json.loads(replies_path.read_text()) if replies_path.exists() else []
         records.save_json(replies_path, replies + [reply.model_dump(mode="json")])
-        answer.usages.append(reply.usage)
+        on_reply(reply.usage)
         # The assistant turn goes back verbatim: models that think (on by default since Claude 5)
         # reject a follow-up whose thinking blocks were dropped or altered.
         ask.messages.append({"role": "assistant",
@@ -100,7 +100,10 @@ def in_flight_text(night):
 
 
 def reapply(source, edit_lists):
-    """`source` with every edit list applied in order, or None if one no longer applies."""
+    """`source` with every edit list applied in order, or None if one no longer applies (or there
+    are none: an idea from a driver that did not keep them)."""
+    if not edit_lists:
+        return None
     for edit_list in edit_lists:
         source, _ = edits.apply_edits(source, edit_list, frozenset())
         if source is None:

@@ -90,7 +90,7 @@ def probe(sandbox, cwd, cuda=False):
     """Why the sandbox cannot run a Python one-liner here (with `cuda`: one that finds the GPU
     through torch); "" when it can."""
     with tempfile.TemporaryDirectory(prefix="autoresearch-probe-") as scratch:
-        check = "import torch; assert torch.cuda.device_count() > 0, 'no GPU inside the sandbox'; " if cuda else ""
+        check = "import torch; torch.zeros(1, device='cuda').sum().item(); " if cuda else ""  # a CUDA context
         argv = [sys.executable, "-c", check + f"open({os.path.join(scratch, 'ok')!r}, 'w').write('ok')"]
         try:
             proc = subprocess.run(sandbox.wrap(argv, cwd, writable=[scratch]), capture_output=True, text=True,

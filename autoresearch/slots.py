@@ -6,6 +6,7 @@ results.tsv. Candidates are committed with git's plumbing (a tree with the new t
 of the parent), so the user's checkout is never touched by a run.
 """
 
+import os
 import shutil
 import threading
 import time
@@ -37,9 +38,10 @@ def make_slots(run_dir, gpus, ray_runner=None):
         return [Slot(f"ray{i}", None, run_dir / "slots" / f"ray{i}", ray=ray_runner) for i in range(ray_runner.gpus)]
     if gpus is None:
         return [Slot("gpu", None, run_dir / "slots" / "gpu")]
-    if gpus == "all":
+    if gpus == "all":  # every GPU this process may use: CUDA_VISIBLE_DEVICES's list, if set
         import torch
-        ids = [str(i) for i in range(torch.cuda.device_count())]
+        visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+        ids = (visible or [str(i) for i in range(torch.cuda.device_count())])[:torch.cuda.device_count()]
         if not ids:
             raise SystemExit("autoresearch: --gpus all, but torch sees no CUDA GPU")
     else:
@@ -95,7 +97,8 @@ def start(slot, ctx, night, job, events):
         prepare_worktree(ctx.repo, slot, commit)
         target = lambda: training.run_training(  # noqa: E731
             slot.worktree, log_path, seed, ctx.timeout_s, night.settings, slot.pid_file, ctx.pass_env,
-            ctx.sandbox, ctx.prepare.CACHE_DIR, None if slot.gpu is None else {"CUDA_VISIBLE_DEVICES": slot.gpu})
+            ctx.sandbox, ctx.prepare.CACHE_DIR, None if slot.gpu is None else {"CUDA_VISIBLE_DEVICES": slot.gpu},
+            readable=[ctx.repo])
     in_thread(events, "run", slot, target)
 
 

@@ -130,17 +130,20 @@ def summary_failure(log_text, returncode, settings, seed):
 
 
 def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(), sandbox=None, cache_dir=None,
-                 extra_env=None):
+                 extra_env=None, readable=()):
     """Run `python train.py` in `repo` (a slot's worktree) time-boxed, with `extra_env` (e.g. the
-    slot's CUDA_VISIBLE_DEVICES), in the sandbox when there is one (writable: only the log's
-    directory and the compile cache), and judge its summary."""
+    slot's CUDA_VISIBLE_DEVICES), in the sandbox when there is one (`readable` read-only, e.g. the
+    user's checkout that holds the worktree's git data; writable: only the run's own directory,
+    $AUTORESEARCH_RUN_DIR beside its log, and the compile cache), and judge its summary."""
     start = time.time()
-    argv, extra = [sys.executable, "train.py"], dict(extra_env or {})
+    files = Path(log_path).with_name(Path(log_path).stem + "-files")  # the run's own directory, for what it writes
+    files.mkdir(parents=True, exist_ok=True)
+    argv, extra = [sys.executable, "train.py"], {**(extra_env or {}), "AUTORESEARCH_RUN_DIR": str(files)}
     if sandbox and sandbox.bwrap:
         compile_cache = Path(cache_dir) / "torchinductor"
         (compile_cache / "triton-home").mkdir(parents=True, exist_ok=True)
         extra.update(AUTORESEARCH_CACHE=str(cache_dir), TRITON_CACHE_DIR=str(compile_cache / "triton-home"))
-        argv = sandbox.wrap(argv, repo, readable=[cache_dir], writable=[Path(log_path).parent, compile_cache])
+        argv = sandbox.wrap(argv, repo, readable=[cache_dir, *readable], writable=[files, compile_cache])
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, cwd=repo, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=training_env(seed, pass_env, extra), start_new_session=True)

@@ -54,7 +54,7 @@ def test_a_node_with_another_prepare_py_is_refused(repo, fake, ray_instance, tmp
     (node / "prepare.py").write_text((node / "prepare.py").read_text() + "# another metric\n")
 
     class Ctx:  # what RayRunner.run reads of the loop's context
-        timeout_s, pass_env = 60.0, ()
+        timeout_s, pass_env, sandbox = 60.0, (), None
     source = git(repo, "show", "HEAD:train.py") + "\n"
     result = cluster.RayRunner(str(node), 2).run(source, Ctx(), night, 42, tmp_path / "train.log")
     assert result.val_bpb is None and result.failure.startswith("refused: node ")

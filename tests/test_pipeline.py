@@ -12,8 +12,10 @@ import time
 
 from driver_helpers import (BASE_LINE, MODE_LINE, STANDIN_ENV, branch_log, fake, git, journal, noisy, pid_gone,  # noqa: F401
                             repo, rows)
+import pytest
+
 from fake_anthropic import edit
-from autoresearch import cli
+from autoresearch import cli, experiment, llm, slots, training
 
 SLEEP_LINE = "SLEEP_S = 0.0"
 PIPELINE = ["--allow-cpu", "--sandbox", "off", *STANDIN_ENV]
@@ -78,7 +80,8 @@ def test_slots_train_side_by_side_each_on_its_gpu_in_its_worktree(repo, fake):
     assert set(st["slot_seconds"]) == {"gpu0", "gpu1"} and all(v > 0 for v in st["slot_seconds"].values())
     assert (repo / "runs/t/slots/gpu0/.git").exists() and (repo / "runs/t/slots/gpu1/.git").exists()
     assert [x["description"].split(" (")[0] for x in rows(repo)] == ["baseline", "noise run 2/3", "noise run 3/3"]
-    assert journal(repo)["wall_s"] < 3 * 1.0 + 1.5  # three 1-second runs, two of them side by side
+    (a0, a1), (b0, b1) = [map(float, log.split("trained from ")[1].split("\n")[0].split(" to ")) for log in logs]
+    assert a0 < b1 and b0 < a1  # the two runs' training overlapped
     assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
     summary = cli.report(repo / "results.tsv", repo / "runs/t/journal.json")
     throughput = next(line for line in summary if line.startswith("throughput:"))
@@ -101,6 +104,66 @@ def test_a_win_on_a_stale_base_is_re_run_on_the_new_best(repo, fake):
     assert "beat its parent, which was no longer the best: re-run on the new best" in r[2]["description"]
     assert r[2]["commit"] != r[3]["commit"] and branch_log(repo)[:2] == ["slow", "fast"]
     assert journal(repo)["in_flight"] == [] and journal(repo)["best"]["description"] == "slow"
+
+
+def test_a_failed_baseline_with_an_idea_already_proposed_resumes_from_the_fix(repo, fake):
+    """The pipeline asks for an idea while the baseline trains; the baseline then crashes. The idea,
+    proposed against broken code, is dropped; after the fix the baseline runs, then a new idea."""
+    path = repo / "train.py"
+    path.write_text(path.read_text().replace(MODE_LINE, 'MODE = "crash"').replace(SLEEP_LINE, "SLEEP_S = 1.0"))
+    git(repo, "commit", "-q", "-am", "broken")
+    fake.replies += [edit("early idea", ("DATA_ORDER = 0", "DATA_ORDER = 1")),
+                     edit("idea after the fix", (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    with pytest.raises(SystemExit, match="the baseline train.py failed"):
+        run("--greedy", "--max-experiments", "2")
+    assert len(fake.requests) == 1 and journal(repo)["in_flight"] == []
+    path.write_text(path.read_text().replace('MODE = "crash"', MODE_LINE))
+    git(repo, "commit", "-q", "-am", "fixed")
+    assert run("--greedy", "--max-experiments", "3") == 0  # (numbers 1 and 2: the dropped idea, the new baseline)
+    assert [(x["description"].split(" [")[0], x["status"]) for x in rows(repo)] == [
+        ("baseline", "crash"), ("baseline", "keep"), ("idea after the fix", "keep")]
+
+
+KILL_POINTS = {"llm.ask": (llm, "ask"), "commit_candidate": (slots, "commit_candidate"),
+               "run_training": (training, "run_training"), "save (final decision)": (experiment, "save")}
+
+
+def knob_idea(request):
+    """The next of two ideas on separate lines, chosen from what the model is shown (the best and
+    what is in flight), as a model would: a re-ask after a kill gets the same answer."""
+    seen = json.dumps(request["messages"])
+    if "BONUS = 0.0\\n" in seen and ": bonus" not in seen:
+        return edit("bonus", ("BONUS = 0.0", "BONUS = 0.010000"))
+    return edit("reorder", ("DATA_ORDER = 0", "DATA_ORDER = 1"))
+
+
+@pytest.mark.parametrize("where", KILL_POINTS)
+def test_killed_at_any_step_with_the_pipeline_then_restarted(repo, fake, where):
+    """The pipeline's windows: a reply, a commit, a run or a decision cut short while another idea
+    is being asked; the restart gives every row once and the same branch."""
+    slow_baseline(repo, "0.5")
+    fake.replies += [knob_idea] * 12  # a reply whose request the kill abandoned is asked again
+    assert run("--max-experiments", "0", "--greedy") == 0
+    module, name = KILL_POINTS[where]
+    original = getattr(module, name)
+
+    def dies_after(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if name != "save" or any(p.final and p.kind == "candidate" for p in args[1].in_flight):
+            raise Killed
+        return result
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, name, dies_after)
+        with pytest.raises(Killed):
+            run("--max-experiments", "2", "--greedy")
+    time.sleep(1.0)  # a thread the kill abandoned (an LLM request, a run) ends
+    assert run("--max-experiments", "2", "--greedy") == 0
+    assert sorted(x["description"] for x in rows(repo)) == ["baseline", "bonus", "reorder"]
+    assert branch_log(repo)[0] == "bonus" and git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+class Killed(BaseException):
+    """Stands for kill -9 at one exact instant."""
 
 
 def test_kill_9_with_two_runs_in_flight_then_restart(repo, fake, tmp_path):

@@ -225,3 +225,12 @@ def test_a_model_that_returns_no_logits_is_told_what_the_metric_needs(small_eval
 
     with pytest.raises(SystemExit, match=r"model\(x\) must return logits of shape \(B, T, vocab\)"):
         small_eval.evaluate_bpb(LossOnly(), small_eval.Tokenizer.from_directory(), 4)
+
+
+def test_a_causal_model_with_nondeterministic_kernels_passes_the_probe(small_eval):
+    """Logits that jitter from call to call (atomics, split-K) but never read the future."""
+    class Jittery(torch.nn.Module):
+        def forward(self, x):
+            return ((x[..., None] * 31 + torch.arange(8192)) % 97).float() / 10 + 0.01 * torch.randn(*x.shape, 8192)
+
+    assert small_eval.evaluate_bpb(Jittery(), small_eval.Tokenizer.from_directory(), 4) > 0

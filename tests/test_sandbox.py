@@ -60,8 +60,8 @@ def test_a_sandboxed_train_py_reaches_nothing_but_its_run_directory(repo, fake, 
     assert run("--max-experiments", "1", "--greedy", "--sandbox", "on", "--pass-env", "STANDIN_PORT") == 0
     assert probe_report(repo) == {
         "secret_in_env": False, "secret_in_proc": False, "write_results_tsv": False, "write_journal": False,
-        "write_git": False, "write_prepare_py": False, "write_tokens": False, "write_own_dir": True,
-        "write_compile_cache": True, "tcp_loopback": False}
+        "write_git": False, "write_prepare_py": False, "write_tokens": False, "write_experiment_dir": False,
+        "write_run_dir": True, "write_compile_cache": True, "tcp_loopback": False}
     assert [x["status"] for x in rows(repo)] == ["keep", "keep"]  # it trained and printed its summary
     out = capsys.readouterr().out
     assert "sandbox bubblewrap, no network" in out
@@ -118,4 +118,4 @@ def test_the_real_train_py_trains_inside_the_sandbox_on_cpu(repo, fake, prepared
 def test_the_probe_looks_for_the_gpu_inside_when_the_driver_has_one():
     bwrap = sandbox.Sandbox(shutil.which("bwrap"))
     assert sandbox.probe(bwrap, MAIN) == ""
-    assert "no GPU inside the sandbox" in sandbox.probe(bwrap, MAIN, cuda=True)
+    assert "Torch not compiled with CUDA enabled" in sandbox.probe(bwrap, MAIN, cuda=True)  # (a CPU build)

@@ -90,12 +90,15 @@ if MODE == "probe_sandbox":  # what a careless train.py could reach, each attemp
         "write_git": can(lambda: (Path(MAIN / ".git/probe").write_text("x"), Path(MAIN / ".git/probe").unlink())),
         "write_prepare_py": can(lambda: open(MAIN / "prepare.py", "a").close()),
         "write_tokens": can(lambda: open(prepare.CACHE_DIR / "val.bin", "a").close()),
-        "write_own_dir": can(lambda: (own_dir / "probe.txt").write_text("x")),
+        "write_experiment_dir": can(lambda: (own_dir / "probe.txt").write_text("x")),
+        "write_run_dir": can(lambda: (Path(os.environ["AUTORESEARCH_RUN_DIR"]) / "probe.txt").write_text("x")),
         "write_compile_cache": can(lambda: (prepare.CACHE_DIR / "torchinductor" / "probe").write_text("x")),
         "tcp_loopback": can(lambda: socket.create_connection(("127.0.0.1", int(os.environ["STANDIN_PORT"])), 2)),
     }
     print("sandbox-probe: " + json.dumps(found), flush=True)
+started = time.time()
 time.sleep(SLEEP_S)  # "training"
+print(f"trained from {started} to {time.time()}", flush=True)
 val_bpb = TRUE_BPB - BONUS + NOISE_STD * random.Random(f"{seed}:{DATA_ORDER}").gauss(0, 1)
 if MODE == "negative":
     val_bpb = -0.5

@@ -23,6 +23,7 @@ from autoresearch.report import report
 DEFAULT_MODEL = "claude-sonnet-5-5"  # overridden by --model or AUTORESEARCH_MODEL
 MAX_EXPERIMENTS = None             # experiments after the baseline; None = no limit
 MAX_COST_USD = 0.0                 # stop before an experiment once spend reaches this; 0 = none
+PLATEAU = 10                       # ideas without a kept change before the model is told of a plateau
 
 
 def main(argv=None):
@@ -32,7 +33,7 @@ def main(argv=None):
         journal = args.journal
         if journal is None and Path("runs/active_tag").exists() and args.tsv == "results.tsv":
             journal = f"runs/{Path('runs/active_tag').read_text().strip()}/journal.json"
-        report(args.tsv, journal, args.png)
+        report(args.tsv, journal, args.png, as_json=args.json)
         return 0
     return drive(parser().parse_args(argv))
 
@@ -44,7 +45,20 @@ def parser():
     p.add_argument("--tag", default=time.strftime("%b%d").lower(),
                    help="run name: branch autoresearch/<tag>; an existing tag resumes (default: today, %(default)s)")
     p.add_argument("--model", default=os.environ.get("AUTORESEARCH_MODEL", DEFAULT_MODEL),
-                   help="Claude model id (default: $AUTORESEARCH_MODEL or %(default)s)")
+                   help="model id: Claude's, or with --provider openai any OpenAI-compatible server's "
+                        "(\"openai:<id>\" selects that provider too) (default: $AUTORESEARCH_MODEL or %(default)s)")
+    p.add_argument("--provider", choices=("anthropic", "openai"), default="anthropic",
+                   help="the LLM API: Anthropic's Messages API, or OpenAI's Chat Completions (OpenAI, vLLM, Ollama, "
+                        "llama.cpp, OpenRouter; pip install -e '.[openai]') (default: anthropic)")
+    p.add_argument("--base-url", default=None, metavar="URL",
+                   help="the OpenAI-compatible server, e.g. http://localhost:11434/v1 for Ollama (implies --provider "
+                        "openai; default: $OPENAI_BASE_URL or OpenAI's)")
+    p.add_argument("--price", default=None, metavar="IN,OUT",
+                   help="USD per million input and output tokens, for a model whose price the driver does not know "
+                        "(a local model: 0,0); then --max-cost works")
+    p.add_argument("--plateau", type=int, default=PLATEAU, metavar="N",
+                   help="after N ideas without a kept change, tell the model and ask for another kind of change "
+                        "(default: %(default)s)")
     p.add_argument("--max-experiments", type=int, default=MAX_EXPERIMENTS, metavar="N",
                    help="stop after N experiments after the baseline (default: no limit)")
     p.add_argument("--deadline", default=None, metavar="WHEN",
@@ -86,6 +100,7 @@ def report_parser():
     p.add_argument("--tsv", default="results.tsv", help="results file (default results.tsv)")
     p.add_argument("--journal", default=None, help="the run's journal (default runs/<active tag>/journal.json)")
     p.add_argument("--png", default="progress.png", help="plot to write (default progress.png)")
+    p.add_argument("--json", action="store_true", help="print the whole summary as JSON (no plot)")
     return p
 
 
@@ -94,27 +109,28 @@ def drive(args):
     repo = Path(git(Path.cwd(), "rev-parse", "--show-toplevel"))
     prepare, settings, hashes = check_repo(args, repo)
     cuda = check_cuda(args.allow_cpu)
-    client = llm.make_client()
-    llm.check_access(client, args.model)
+    provider = llm.make_provider(args.provider, args.model, args.base_url,
+                                 llm.parse_price(args.price) if args.price else None)
+    provider.check_access()
     box = sandbox.choose(args.sandbox, args.allow_network, repo, cuda)
     night, run_dir = open_night(args, repo, settings, hashes)
     night.sandbox = box.describe()
     records.save_night(run_dir / "journal.json", night)
     work_slots = slots.make_slots(run_dir, args.gpus, cluster.connect(args.ray, repo) if args.ray else None)
-    ctx = loop.Context(repo=repo, run_dir=run_dir, tag=args.tag, model=args.model, client=client, prepare=prepare,
+    ctx = loop.Context(repo=repo, run_dir=run_dir, tag=args.tag, model=provider.model, llm=provider, prepare=prepare,
                        greedy=args.greedy, noise_runs=1 if args.greedy else max(1, args.noise_runs),
                        fix_attempts=args.fix_attempts, pass_env=tuple(args.pass_env), sandbox=box,
                        timeout_s=args.timeout or training.default_timeout_s(settings["time_budget"]),
                        max_experiments=args.max_experiments, deadline=parse_deadline(args.deadline),
                        max_cost=args.max_cost, slots=work_slots,
-                       lookahead=len(work_slots) if args.pipeline == "on" else 0)
+                       lookahead=len(work_slots) if args.pipeline == "on" else 0, plateau=args.plateau)
     training.kill_stale_training(run_dir / "training.pid")  # (the driver before slots)
     if not ctx.price_known:
-        print(f"note: no price known for model {args.model}; cost is not counted and --max-cost "
-              "cannot be enforced", flush=True)
+        print(f"note: no price known for model {provider.model}: tokens are counted, cost is not, and --max-cost "
+              "cannot be enforced (--price IN,OUT sets one; a local model: --price 0,0)", flush=True)
     rule = "greedy (keep if lower)" if ctx.greedy else \
         f"noise-aware, {ctx.noise_runs} baseline runs, margin {decisions.CONFIRM_K} sigma"
-    print(f"run {args.tag} on branch {night.branch}: model {args.model}, {rule}, timeout "
+    print(f"run {args.tag} on branch {night.branch}: model {provider.model} ({provider.name}), {rule}, timeout "
           f"{ctx.timeout_s:.0f} s, sandbox {night.sandbox}, {len(work_slots)} slot(s) "
           f"({', '.join(s.name for s in work_slots)}), pipeline {args.pipeline}; noise floor sigma = "
           f"{night.sigma if night.sigma is not None else 'not measured yet'}", flush=True)

@@ -6,6 +6,7 @@ changes the seed goes back to the model with a precise message, before any GPU t
 """
 
 import difflib
+import re
 
 from autoresearch.records import sha256_bytes
 
@@ -18,6 +19,15 @@ EDIT_TOOL = {
         "properties": {
             "description": {"type": "string",
                             "description": "One short line: what this experiment changes."},
+            "hypothesis": {"type": "string", "description": "One line: why it should lower val_bpb."},
+            "theme": {"type": "string",
+                      "description": "One or two words naming the kind of change (e.g. optimizer, schedule, "
+                                     "architecture, attention, data, throughput): the notebook groups by it."},
+            "lessons": {"type": "array", "description": "One line for each finished experiment you are asked "
+                                                        "about: what its result says.",
+                        "items": {"type": "object",
+                                  "properties": {"experiment": {"type": "integer"}, "lesson": {"type": "string"}},
+                                  "required": ["experiment", "lesson"]}},
             "edits": {"type": "array", "description": "Applied in order to train.py.",
                       "items": {"type": "object",
                                 "properties": {"search": {"type": "string"},
@@ -27,6 +37,33 @@ EDIT_TOOL = {
         "required": ["description", "edits"],
     },
 }
+TEXT_FORMAT = f"""If you cannot call the {TOOL_NAME} tool, answer in exactly this text format instead:
+DESCRIPTION: <one line: what this experiment changes>
+HYPOTHESIS: <one line: why it should lower val_bpb>
+THEME: <one or two words: the kind of change>
+LESSON #<n>: <one line for each finished experiment you are asked about>
+<<<<<<< SEARCH
+<lines of train.py, exactly as they are>
+=======
+<the lines that replace them>
+>>>>>>> REPLACE
+(one SEARCH/REPLACE block per edit, applied in order)"""
+BLOCK_RE = re.compile(r"^<<<<<<< SEARCH\n(.*?)^=======\n(.*?)^>>>>>>> REPLACE$", re.M | re.S)
+
+
+def parse_text_reply(text):
+    """The edit tool's arguments from a reply in TEXT_FORMAT, or None when it holds no edit block."""
+    blocks = BLOCK_RE.findall(text)
+    if not blocks:
+        return None
+
+    def field(name):
+        m = re.search(rf"^{name}:[ \t]*(.*)$", text, re.M)
+        return m[1].strip() if m else ""
+    return {"description": field("DESCRIPTION"), "hypothesis": field("HYPOTHESIS"), "theme": field("THEME"),
+            "lessons": [{"experiment": int(n), "lesson": lesson.strip()}
+                        for n, lesson in re.findall(r"^LESSON #(\d+):[ \t]*(.*)$", text, re.M)],
+            "edits": [{"search": search, "replace": replace} for search, replace in blocks]}
 
 
 def apply_edits(source, edits, tried_hashes):

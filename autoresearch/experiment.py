@@ -7,10 +7,11 @@ import statistics
 import time
 from pathlib import Path
 
-from autoresearch import decisions, proposals, records
+from autoresearch import decisions, notebook, proposals, records
 from autoresearch.records import Best, Final, git
 
 BASE_SEED = 42                     # seed of every first run; repeats take BASE_SEED+1, +2, ...
+AWAITING_LESSONS = 8               # finished ideas the model is asked a lesson for, at most (the latest)
 
 
 def save(ctx, night):
@@ -159,6 +160,8 @@ def record(ctx, night, p, status=None, note=None):
     night.sigma = decisions.pooled_std(list(night.groups.values())) or night.sigma
     if "not confirmed" in final.note:
         night.wins_rejected += 1
+    if p.kind == "candidate":
+        remember(ctx, night, p, final.status, best_before)
     night.rows += final.rows
     night.in_flight.remove(p)
     night.done += 1
@@ -172,6 +175,21 @@ def record(ctx, night, p, status=None, note=None):
                          f"see {p.runs[-1].log}. Fix train.py, commit it on {night.branch} "
                          f"and run `python driver.py --tag {ctx.tag}` again.")
     return final
+
+
+def remember(ctx, night, p, status, best_before):
+    """The notebook's line for a finished idea, its theme's count, the plateau's streak, and its
+    lesson owed by the model's next request."""
+    vals = measured(attempt_runs(p))
+    mean = statistics.fmean(vals) if vals else None
+    delta = mean - best_before if mean is not None and best_before is not None else None
+    theme = p.theme or "other"
+    line = notebook.entry(p, status, mean, delta)
+    notebook.add_entry(ctx.run_dir / "notes.md", theme, line)
+    counts = night.themes.setdefault(theme, {})
+    counts[status] = counts.get(status, 0) + 1
+    night.since_keep = 0 if status == "keep" else night.since_keep + 1
+    night.awaiting = (night.awaiting + [[p.n, line]])[-AWAITING_LESSONS:]
 
 
 def restore_best(ctx, night):
@@ -213,4 +231,5 @@ def status_line(ctx, night, p, final, best_before):
     total = f"${night.spend['usd']:.2f}" if ctx.price_known else "cost unknown"
     note = f" [{final.note}]" if final.note else ""
     print(f"{p.n:4d}  {val} ({delta})  {final.status:7s} {cost_text:>7s}  {p.description[:60]}{note}  "
-          f"| best {short_best(night)}{sigma}, {total} | {throughput(ctx, night)}", flush=True)
+          f"| best {short_best(night)}{sigma}, {total} | {throughput(ctx, night)}, {night.since_keep} since a keep",
+          flush=True)

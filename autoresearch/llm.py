@@ -1,4 +1,6 @@
-"""The LLM API: one request with retries, the start-up access check, usage and cost.
+"""The LLM API, whichever provider: one request with retries, the start-up access check, the
+edit tool's arguments out of a reply, usage and cost. Anthropic's Messages API is the default;
+openai_api.py speaks the OpenAI Chat Completions API (OpenAI, vLLM, Ollama, llama.cpp, OpenRouter).
 
 Transient failures (rate limits, overload, 5xx, timeouts, dropped connections, a reply that is
 not the API's JSON, such as a proxy's HTML page or a body cut short) are retried with backoff
@@ -8,6 +10,7 @@ the API rejects) stops the run with one line.
 
 import json
 import time
+from dataclasses import dataclass, field
 
 LLM_MAX_TOKENS = 16000             # longest reply, thinking included
 LLM_TIMEOUT_S = 600.0              # one request
@@ -31,12 +34,174 @@ PRICES_PER_MTOK = {
     "claude-haiku-5-5": (0.10, 0.50, 0.125, 0.01),
     "claude-haiku-4-5": (1.0, 5.0, 1.25, 0.10),
 }
-REFUSAL_HINTS = {401: "check ANTHROPIC_API_KEY", 403: "the key is not allowed to use this API or model"}
+REFUSAL_HINTS = {401: "check {key}", 403: "the key is not allowed to use this API or model"}
 
 
-def make_client():
-    import anthropic
-    return anthropic.Anthropic(max_retries=0, timeout=LLM_TIMEOUT_S)
+@dataclass
+class Reply:
+    """One reply, whichever the API."""
+    raw: dict                      # as the API sent it (kept in reply.json)
+    turn: dict                     # the assistant turn, to send back verbatim in a follow-up
+    call: dict | None              # the edit tool's arguments (from a tool call, or from the text)
+    problem: str = ""              # why the reply's call could not be read (told to the model)
+    counts: dict = field(default_factory=dict)  # tokens: input, output, cache_write, cache_read
+    text: str = ""                 # the reply's text
+
+
+class Transient(Exception):
+    """A failure worth waiting out: (what happened, seconds the server asked to wait or None)."""
+
+
+def refuse(code, message, model, key="ANTHROPIC_API_KEY"):
+    hint = REFUSAL_HINTS.get(code, "").format(key=key) or (
+        f"unknown model {model!r}: pass --model with a current model id" if code == 404 else "fix the request and restart")
+    raise SystemExit(f"autoresearch: the LLM API refused the request ({code}): {message} - {hint}")
+
+
+def with_retries(call):
+    """call() until it returns; a Transient waits (backoff, or the server's retry-after) and tries
+    again, forever; anything else (a refusal's SystemExit) goes up."""
+    delay_s = LLM_BACKOFF_S
+    while True:
+        try:
+            return call()
+        except Transient as e:
+            what, retry_after = e.args
+            wait_s = max(delay_s, min(retry_after, LLM_BACKOFF_MAX_S)) if retry_after else delay_s
+        print(f"  LLM API: {what}; retrying in {wait_s:.1f} s", flush=True)
+        time.sleep(wait_s)
+        delay_s = min(delay_s * 2, LLM_BACKOFF_MAX_S)
+
+
+def ask(provider, system, user, tail, tool=True):
+    """One request (retried until answered): system and user are lists of (text, cacheable); with
+    tool, the model is offered the edit tool."""
+    return with_retries(lambda: provider.request(system, user, tail, tool))
+
+
+def parse_price(text):
+    """--price IN,OUT (USD per million tokens) as the four prices (cache writes and reads at IN)."""
+    try:
+        price_in, price_out = (float(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"autoresearch: --price {text!r}: give USD per million input and output tokens, e.g. 0.5,1.5")
+    return (price_in, price_out, price_in, price_in)
+
+
+def model_price(model):
+    keys = [k for k in PRICES_PER_MTOK if model.startswith(k)]
+    return PRICES_PER_MTOK[max(keys, key=len)] if keys else None
+
+
+def cost(counts, price):
+    """USD of a reply's tokens, or None when the price is unknown."""
+    if price is None:
+        return None
+    return sum(counts.get(k, 0) * p for k, p in zip(("input", "output", "cache_write", "cache_read"), price)) / 1e6
+
+
+def make_provider(name, model, base_url=None, price=None):
+    """The provider for --provider (or a model id "openai:<id>")."""
+    if model.startswith("openai:"):
+        name, model = "openai", model.removeprefix("openai:")
+    if name == "openai" or base_url:
+        from autoresearch.openai_api import OpenAIProvider
+        return OpenAIProvider(model, base_url, price)
+    return AnthropicProvider(model, price or model_price(model))
+
+
+# ---------------------------------------------------------------------------
+# Anthropic's Messages API
+# ---------------------------------------------------------------------------
+
+class AnthropicProvider:
+    name = "anthropic"
+
+    def __init__(self, model, price):
+        import anthropic
+        self.model, self.price = model, price
+        self.client = anthropic.Anthropic(max_retries=0, timeout=LLM_TIMEOUT_S)
+
+    def check_access(self):
+        """One free request (the model's entry in the models list) before any GPU time is spent: a
+        missing key or an unknown model stops the run now. A gateway without the models list (404)
+        is asked one tiny message instead."""
+        import anthropic
+        try:
+            with_retries(lambda: self.guard(lambda: self.client.models.retrieve(self.model),
+                                            lambda r: isinstance(r, anthropic.types.ModelInfo) and bool(r.id)))
+        except NotFound:
+            try:
+                with_retries(lambda: self.guard(lambda: self.client.messages.create(
+                    model=self.model, max_tokens=1, messages=[{"role": "user", "content": "Reply with one word."}]),
+                    is_message))
+            except NotFound as e:
+                refuse(404, str(e), self.model)
+
+    def request(self, system, user, tail, tool=True):
+        from autoresearch.edits import EDIT_TOOL
+        blocks = [{"type": "text", "text": text, **({"cache_control": {"type": "ephemeral"}} if cache else {})}
+                  for text, cache in system]
+        first = {"role": "user", "content": [{"type": "text", "text": text, **(
+            {"cache_control": {"type": "ephemeral"}} if cache else {})} for text, cache in user]}
+        # No forced tool_choice: current models think by default and answer a forced tool with a 400;
+        # the prompt asks for the tool, and a reply without it is asked again.
+        request = {"model": self.model, "max_tokens": LLM_MAX_TOKENS, "system": blocks, "messages": [first] + tail,
+                   **({"tools": [EDIT_TOOL]} if tool else {})}
+        try:
+            reply = self.guard(lambda: self.client.messages.create(**request), is_message)
+        except NotFound as e:
+            refuse(404, str(e), self.model)
+        call = next((b for b in reply.content if b.type == "tool_use"), None)
+        usage = reply.usage
+        # The assistant turn goes back verbatim: models that think (on by default since Claude 5)
+        # reject a follow-up whose thinking blocks were dropped or altered.
+        return Reply(reply.model_dump(mode="json"),
+                     {"role": "assistant", "content": [b.model_dump(mode="json", exclude_none=True) for b in reply.content]},
+                     (call.input if isinstance(call.input, dict) else {}) if call else None,
+                     counts={"input": usage.input_tokens or 0, "output": usage.output_tokens or 0,
+                             "cache_write": getattr(usage, "cache_creation_input_tokens", 0) or 0,
+                             "cache_read": getattr(usage, "cache_read_input_tokens", 0) or 0},
+                     text="".join(b.text for b in reply.content if b.type == "text"))
+
+    @staticmethod
+    def feedback(messages, text):
+        """Tell the model about its last reply: an error result for its tool call, or a plain turn."""
+        tool = next((b["id"] for b in reversed(messages[-1]["content"]) if b.get("type") == "tool_use"), None) \
+            if messages and messages[-1]["role"] == "assistant" and isinstance(messages[-1]["content"], list) else None
+        if tool is None:
+            return messages + [{"role": "user", "content": text}]
+        return messages + [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": tool, "is_error": True, "content": text}]}]
+
+    def guard(self, call, is_valid):
+        """call() with Anthropic's errors sorted into transient (Transient) and refusals (SystemExit)."""
+        import anthropic
+        try:
+            reply = call()
+        except anthropic.APIStatusError as e:
+            code = e.status_code
+            if code == 404:
+                raise NotFound(api_error_text(e))
+            if not (code in (408, 409, 429) or code >= 500):
+                refuse(code, api_error_text(e), self.model)
+            retry_after = e.response.headers.get("retry-after", "") if e.response is not None else ""
+            raise Transient(f"HTTP {code} ({api_error_text(e)})",
+                            float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None)
+        except anthropic.APIConnectionError as e:
+            raise Transient(f"connection problem ({e.__class__.__name__})", None)
+        except (anthropic.APIResponseValidationError, json.JSONDecodeError) as e:
+            raise Transient(f"a malformed reply ({e.__class__.__name__})", None)
+        if not is_valid(reply):
+            raise Transient(f"a reply that is not the API's ({str(reply)[:60]!r})", None)
+        return reply
+
+
+class NotFound(Exception):
+    """A 404: an unknown model, or an endpoint the server does not have."""
+
+    def __init__(self, message):
+        super().__init__(message)
 
 
 def is_message(reply):
@@ -45,78 +210,8 @@ def is_message(reply):
     return isinstance(reply, anthropic.types.Message) and reply.type == "message" and isinstance(reply.content, list)
 
 
-def ask(client, request):
-    """messages.create, retried until the API answers with a message."""
-    return with_retries(lambda: client.messages.create(**request), is_message, request["model"])
-
-
-def check_access(client, model):
-    """One free request (the model's entry in the models list) before any GPU time is spent: a
-    missing key or an unknown model stops the run now, not after the baseline runs. A gateway
-    without the models list (404) is asked one tiny message instead."""
-    import anthropic
-
-    def ping():
-        return with_retries(lambda: client.messages.create(model=model, max_tokens=1, messages=[
-            {"role": "user", "content": "Reply with one word."}]), is_message, model)
-    with_retries(lambda: client.models.retrieve(model),
-                 lambda reply: isinstance(reply, anthropic.types.ModelInfo) and bool(reply.id), model, on_404=ping)
-
-
-def with_retries(call, is_valid, model, on_404=None):
-    """call() until its reply is_valid; transient errors wait and retry, refusals stop the run
-    (a 404 calls on_404 instead, when given)."""
-    import anthropic
-    delay_s = LLM_BACKOFF_S
-    while True:
-        try:
-            reply = call()
-            if is_valid(reply):
-                return reply
-            wait_s, what = delay_s, f"a reply that is not the API's ({str(reply)[:60]!r})"
-        except anthropic.APIStatusError as e:
-            code = e.status_code
-            if code == 404 and on_404:
-                return on_404()
-            if not (code in (408, 409, 429) or code >= 500):
-                hint = REFUSAL_HINTS.get(code) or \
-                    (f"unknown model {model!r}: pass --model with a current model id" if code == 404
-                     else "fix the request and restart")
-                raise SystemExit(f"autoresearch: the LLM API refused the request ({code}): "
-                                 f"{api_error_text(e)} - {hint}")
-            retry_after = e.response.headers.get("retry-after", "") if e.response is not None else ""
-            wait_s = max(delay_s, min(float(retry_after), LLM_BACKOFF_MAX_S)) \
-                if retry_after.replace(".", "", 1).isdigit() else delay_s
-            what = f"HTTP {code} ({api_error_text(e)})"
-        except anthropic.APIConnectionError as e:
-            wait_s, what = delay_s, f"connection problem ({e.__class__.__name__})"
-        except (anthropic.APIResponseValidationError, json.JSONDecodeError) as e:
-            wait_s, what = delay_s, f"a malformed reply ({e.__class__.__name__})"
-        print(f"  LLM API: {what}; retrying in {wait_s:.1f} s", flush=True)
-        time.sleep(wait_s)
-        delay_s = min(delay_s * 2, LLM_BACKOFF_MAX_S)
-
-
 def api_error_text(error):
     body = getattr(error, "body", None)
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return body["error"].get("message", "") or str(error)
     return str(error)
-
-
-def model_price(model):
-    keys = [k for k in PRICES_PER_MTOK if model.startswith(k)]
-    return PRICES_PER_MTOK[max(keys, key=len)] if keys else None
-
-
-def usage_cost(model, usage):
-    """(token counts dict, USD or None when the model's price is unknown)."""
-    counts = {"input": getattr(usage, "input_tokens", 0) or 0,
-              "output": getattr(usage, "output_tokens", 0) or 0,
-              "cache_write": getattr(usage, "cache_creation_input_tokens", 0) or 0,
-              "cache_read": getattr(usage, "cache_read_input_tokens", 0) or 0}
-    price = model_price(model)
-    if price is None:
-        return counts, None
-    usd = sum(n * p for n, p in zip(counts.values(), price))  # both in the table's order
-    return counts, usd / 1e6

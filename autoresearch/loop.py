@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoresearch import edits, experiment, proposals, records, slots, training
+from autoresearch import edits, experiment, notebook, prompt, proposals, records, slots, training
 from autoresearch.records import Experiment, Run, git
 
 FIX_ATTEMPTS = 2                   # times a crashed run goes back to the LLM for a fix
@@ -29,7 +29,7 @@ class Context:
     run_dir: Path
     tag: str
     model: str
-    client: object
+    llm: object                    # the provider: llm.AnthropicProvider or openai_api.OpenAIProvider
     prepare: object                # the repo's prepare module (for the metric's files)
     greedy: bool
     noise_runs: int
@@ -42,6 +42,7 @@ class Context:
     max_cost: float
     slots: list                    # slots.Slot: one per GPU (or Ray)
     lookahead: int                 # proposals kept ready while slots train (0: --pipeline off)
+    plateau: int                   # ideas without a keep after which the model is told of a plateau
 
     @property
     def tsv(self):
@@ -53,8 +54,7 @@ class Context:
 
     @property
     def price_known(self):
-        from autoresearch import llm
-        return llm.model_price(self.model) is not None
+        return self.llm.price is not None
 
 
 def run_night(ctx, night):
@@ -83,7 +83,7 @@ def run_night(ctx, night):
             if kind == "run":
                 finish_run(ctx, night, key, value)
             elif kind == "usage":
-                proposals.add_spend(ctx, night, asking[key][0].exp_dir, [value])
+                proposals.add_spend(ctx, night, asking[key][0].exp_dir, value)
                 experiment.save(ctx, night)
             else:
                 answered(ctx, night, asking.pop(key), value)
@@ -117,13 +117,19 @@ def deadline_near(ctx, night):
 
 def ask(ctx, night, events, asking):
     """Start LLM requests, up to one per slot at a time (one with --pipeline off): fixes that crashed
-    runs wait for, then new ideas while fewer than `lookahead` wait to start (with --pipeline off:
-    only when nothing else is in flight)."""
+    runs wait for, the notebook condensed when it grew too long, then new ideas while fewer than
+    `lookahead` wait to start (with --pipeline off: only when nothing else is in flight)."""
     most = max(1, ctx.lookahead)
     for p in night.in_flight:
         failed = experiment.next_step(ctx, night, p)
         if failed[0] == "fix" and p.n not in asking and len(asking) < most:
             submit(ctx, night, events, asking, fix_ask(ctx, night, p, failed[1]))
+    if notebook.too_long(ctx.run_dir / "notes.md", night.condensed_chars) and CONDENSE not in asking \
+            and len(asking) < most:
+        text = notebook.read(ctx.run_dir / "notes.md")
+        submit(ctx, night, events, asking, proposals.Ask(CONDENSE, "condense", ctx.run_dir, "",
+                                                         *prompt.condense_request(text, notebook.NOTES_MAX_CHARS),
+                                                         [], ctx.run_dir / "condense.json", frozenset()))
     if not night.best_vals and not night.in_flight:  # the baseline: the committed train.py, no LLM
         night.in_flight.append(Experiment(night.next_n, "baseline", "baseline", str(exp_dir(ctx, night.next_n)),
                                           str(ctx.repo / "train.py"), night.best.commit, 0, parent=night.best.commit))
@@ -136,9 +142,12 @@ def ask(ctx, night, events, asking):
         n = max([night.next_n] + [i + 1 for i in ideas])  # counted once answered: a kill re-asks under it
         best_py = records.train_py_at(ctx.repo, night.best.commit)
         submit(ctx, night, events, asking, proposals.Ask(
-            n, "idea", exp_dir(ctx, n), best_py, best_py,
-            prompt_history(night, ctx), [], exp_dir(ctx, n) / "conversation.json", frozenset(night.tried)))
+            n, "idea", exp_dir(ctx, n), best_py, *request_parts(ctx, night, best_py), [],
+            exp_dir(ctx, n) / "conversation.json", frozenset(night.tried)))
         ideas.append(n)
+
+
+CONDENSE = -1                      # the key of a request to condense the notebook
 
 
 def exp_dir(ctx, n):
@@ -147,38 +156,60 @@ def exp_dir(ctx, n):
     return path
 
 
-def prompt_history(night, ctx):
-    from autoresearch.prompt import history_text
-    return history_text(night, ctx.greedy) + proposals.in_flight_text(night)
+def request_parts(ctx, night, shown):
+    """(system, user) of a request that shows `shown` as train.py: program.md read afresh, the
+    notebook, the history and what is in flight, the lessons owed and a plateau, if there is one."""
+    program = ctx.repo / "program.md"
+    guidance = ""
+    if night.awaiting:
+        guidance += ("Give a one-line lesson (in `lessons`) for each of these finished experiments, what its "
+                     "result says:\n" + "\n".join(f"{line}" for _, line in night.awaiting) + "\n\n")
+    if night.since_keep >= ctx.plateau:
+        tried = sorted(night.themes.items(), key=lambda kv: -sum(kv[1].values()))[:3]
+        themes = ", ".join(f"{theme} ({sum(c.values())} tried, {c.get('keep', 0)} kept)" for theme, c in tried)
+        guidance += (f"Plateau: no change has been kept in the last {night.since_keep} experiments. The themes "
+                     f"tried most: {themes}. Propose a different kind of change, not another variation of these.\n\n")
+    return prompt.build(ctx.repo, night.settings, program.read_text() if program.exists() else "(no program.md)",
+                        shown, notebook.read(ctx.run_dir / "notes.md"),
+                        prompt.history_text(night, ctx.greedy) + proposals.in_flight_text(night), guidance)
 
 
 def submit(ctx, night, events, asking, request):
     asking[request.n] = (request, night.best.commit, night.best.description)
-    settings = dict(night.settings)
-    on_reply = lambda usage: events.put(("usage", request.n, usage))  # noqa: E731  (paid: counted at once)
-    slots.in_thread(events, "answer", request.n, lambda: proposals.propose(ctx, settings, request, on_reply))
+    on_reply = lambda counts: events.put(("usage", request.n, counts))  # noqa: E731  (paid: counted at once)
+    work = proposals.condense if request.kind == "condense" else proposals.propose
+    slots.in_thread(events, "answer", request.n, lambda: work(ctx, request, on_reply))
 
 
 def fix_ask(ctx, night, p, failed):
     """A request for a fix: the failed run's log tail back to the model, in the attempt's conversation."""
     path = experiment.conversation_path(p, p.attempt)
     messages = records.load_json(path if path.exists() else Path(p.dir) / "conversation.json")  # (older drivers)
-    last_tool = next(b["id"] for b in reversed(messages[-1]["content"]) if b["type"] == "tool_use")
     tail = "\n".join(Path(failed.log).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
-    messages.append({"role": "user", "content": [{
-        "type": "tool_result", "tool_use_id": last_tool, "is_error": True,
-        "content": f"The run failed: {failed.failure}.\n\nLast lines of its log:\n{tail}"
-                   "\n\nFix train.py with another edit (edits apply to the file as you left it)."}]})
+    messages = ctx.llm.feedback(messages, f"The run failed: {failed.failure}.\n\nLast lines of its log:\n{tail}"
+                                          "\n\nFix train.py with another edit (edits apply to the file as you left it).")
     if p.commit:
         experiment.keep_discarded(ctx, f"{p.n:04d}-{p.attempt + 1}", p.commit)
-    return proposals.Ask(p.n, "fix", Path(p.dir), Path(p.source).read_text(),
-                         records.train_py_at(ctx.repo, p.parent), prompt_history(night, ctx), messages,
-                         experiment.conversation_path(p, p.attempt + 1), frozenset(night.tried))
+    shown = records.train_py_at(ctx.repo, p.parent)
+    return proposals.Ask(p.n, "fix", Path(p.dir), Path(p.source).read_text(), *request_parts(ctx, night, shown),
+                         messages, experiment.conversation_path(p, p.attempt + 1), frozenset(night.tried))
 
 
 def answered(ctx, night, asked, answer):
-    """An answer from the proposer: a new experiment, a fix as the next attempt, or nothing valid."""
+    """An answer from the proposer: a new experiment, a fix as the next attempt, nothing valid, or a
+    condensed notebook; and the lessons it gave for finished experiments."""
     request, parent, parent_description = asked
+    if request.kind == "condense":
+        if answer.text.strip():
+            notebook.replace(ctx.run_dir / "notes.md", answer.text, ctx.run_dir)
+        night.condensed_chars = len(notebook.read(ctx.run_dir / "notes.md"))
+        experiment.save(ctx, night)
+        return
+    for lesson in answer.lessons:
+        owed = [a for a in night.awaiting if a[0] == lesson.get("experiment")]
+        if owed and str(lesson.get("lesson", "")).strip():
+            notebook.add_lesson(ctx.run_dir / "notes.md", owed[0][0], proposals.one_line(lesson["lesson"]))
+            night.awaiting.remove(owed[0])
     p = next((p for p in night.in_flight if p.n == request.n), None)
     night.next_n = max(night.next_n, request.n + 1)
     if answer.source is not None:
@@ -191,7 +222,7 @@ def answered(ctx, night, asked, answer):
         night.in_flight.append(Experiment(request.n, "candidate", answer.description, str(request.exp_dir),
                                           str(request.exp_dir / "candidate.py"), None, int(time.time()),
                                           parent=parent, parent_description=parent_description,
-                                          edits=[answer.edits]))
+                                          edits=[answer.edits], hypothesis=answer.hypothesis, theme=answer.theme))
     elif answer.source is None:  # no valid fix: the experiment is recorded as a crash
         experiment.save(ctx, night)
         return experiment.record(ctx, night, p, "crash", "")

@@ -1,14 +1,13 @@
 """What the model is shown: the system prompt, the fixed parts of prepare.py, program.md,
-the current train.py and the run's history, with prompt-caching breakpoints on the parts
-that stay the same from one request to the next.
+the current train.py, the research notebook and the run's history, the static parts marked
+cacheable (prompt caching, where the provider has it).
 """
 
 import ast
 from pathlib import Path
 
 from autoresearch.decisions import margin
-from autoresearch.edits import EDIT_TOOL, TOOL_NAME
-from autoresearch.llm import LLM_MAX_TOKENS
+from autoresearch.edits import TOOL_NAME
 from autoresearch.records import TSV_HEADER
 
 PREPARE_API = ("MAX_SEQ_LEN", "TIME_BUDGET", "EVAL_TOKENS", "VOCAB_SIZE", "SEED", "Tokenizer",
@@ -22,7 +21,9 @@ occur exactly once in the current train.py (copy it character for character, whi
 included); edits apply in order. Only train.py can change. The metric, the data and
 prepare.py are fixed. The driver sets the seed through AUTORESEARCH_SEED; changing the seed
 is not an experiment and never counts as a win. If a run fails you get its log tail: fix the
-cause with another edit to the file as you left it."""
+cause with another edit to the file as you left it. Say in one line why you expect the change
+to help (hypothesis) and name its kind (theme); when asked, give a one-line lesson for each
+finished experiment (what its result says), so that the notebook remembers what was learnt."""
 
 
 def fixed_prepare_parts(source):
@@ -68,25 +69,29 @@ def history_text(night, greedy):
     return "\n".join(out)
 
 
-def build_request(model, repo, settings, program_md, train_py, history, messages_tail):
-    """The Messages API request: the static parts first, with prompt-caching breakpoints."""
+def build(repo, settings, program_md, train_py, notebook, history, guidance):
+    """(system, user): the parts of the first request, each (text, cacheable), the static ones first:
+    the rules, prepare.py's fixed parts, program.md, the best train.py; then the notebook, the
+    run's history and what is asked now (lessons owed, a plateau, the instruction)."""
     prepare_text = fixed_prepare_parts((Path(repo) / "prepare.py").read_text())
     in_force = ", ".join(f"{k.upper()} = {v}" for k, v in settings.items())
-    system = [
-        {"type": "text", "text": SYSTEM_PROMPT},
-        {"type": "text", "text": "The fixed parts of prepare.py (read-only):\n\n```python\n"
-         + prepare_text + f"\n```\n\nValues in force for this run: {in_force}.",
-         "cache_control": {"type": "ephemeral"}},
-        {"type": "text", "text": "program.md (the research instructions):\n\n" + program_md,
-         "cache_control": {"type": "ephemeral"}},
-    ]
-    first = {"role": "user", "content": [
-        {"type": "text", "text": "The current train.py:\n\n```python\n" + train_py + "\n```",
-         "cache_control": {"type": "ephemeral"}},
-        {"type": "text", "text": "Results of this run so far (results.tsv):\n\n" + history},
-        {"type": "text", "text": f"Propose the next experiment with the {TOOL_NAME} tool."},
-    ]}
-    # No forced tool_choice: current models think by default and answer a forced tool with a 400;
-    # the prompt asks for the tool, and a reply without it is asked again.
-    return {"model": model, "max_tokens": LLM_MAX_TOKENS, "system": system, "tools": [EDIT_TOOL],
-            "messages": [first] + messages_tail}
+    system = [(SYSTEM_PROMPT, False),
+              ("The fixed parts of prepare.py (read-only):\n\n```python\n" + prepare_text
+               + f"\n```\n\nValues in force for this run: {in_force}.", True),
+              ("program.md (the research instructions):\n\n" + program_md, True)]
+    user = [("The current train.py:\n\n```python\n" + train_py + "\n```", True),
+            ("The research notebook (runs/<tag>/notes.md: one line per finished experiment, by theme, with "
+             "the lessons you wrote; the human may edit it too):\n\n" + (notebook.strip() or "(empty so far)"), False),
+            ("Results of this run so far (results.tsv):\n\n" + history, False),
+            (guidance + f"Propose the next experiment with the {TOOL_NAME} tool: a one-line description, a "
+             "one-line hypothesis, its theme, and the edits.", False)]
+    return system, user
+
+
+def condense_request(notebook, max_chars):
+    """(system, user) asking for the notebook rewritten shorter (no tool: plain markdown back)."""
+    return ([("You keep a research notebook for an overnight ML research run.", False)],
+            [(f"The notebook below is {len(notebook)} characters, more than the {max_chars} it may take. "
+              f"Rewrite it in under {max_chars * 3 // 4} characters: keep the '## <theme>' sections, every kept "
+              "change with its result, and the lessons that matter; merge entries that say the same. Reply with "
+              "the whole notebook in markdown and nothing else.\n\n" + notebook, False)])

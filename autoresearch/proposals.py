@@ -6,24 +6,25 @@ thread, turns answers into experiments and adds their cost to the run's spend.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoresearch import edits, llm, prompt, records
+from autoresearch import edits, llm, records
 
 EDIT_ATTEMPTS = 3                  # times an invalid edit goes back to the LLM
 
 
 @dataclass
 class Ask:
-    """One request: for a new idea (messages empty) or for a fix (the conversation so far)."""
+    """One request: for a new idea (messages empty), a fix (the conversation so far) or the notebook
+    condensed (kind "condense")."""
     n: int
-    kind: str                      # idea | fix
+    kind: str                      # idea | fix | condense
     exp_dir: Path
     source: str                    # the train.py the edits apply to
-    shown: str                     # the train.py the model is shown (the best)
-    history: str                   # results.tsv so far and what is in flight
-    messages: list
+    system: list                   # the request's parts, (text, cacheable)
+    user: list
+    messages: list                 # the conversation after the first user turn
     conversation_file: Path
     tried: frozenset               # sha256 of every train.py tried
 
@@ -33,56 +34,64 @@ class Answer:
     description: str | None        # None: no valid edit after EDIT_ATTEMPTS
     source: str | None
     edits: list | None
+    hypothesis: str = ""
+    theme: str = ""
+    lessons: list = field(default_factory=list)
+    text: str = ""                 # a condensed notebook
 
 
-def propose(ctx, settings, ask, on_reply):
+def propose(ctx, ask, on_reply):
     """Ask until an edit validates (EDIT_ATTEMPTS); every request, reply and the conversation are
-    kept in the experiment's directory, and each reply's usage goes to on_reply at once (the loop
-    adds it to the spend and saves it). Runs in a thread of its own: reads files, writes only there."""
-    program = ctx.repo / "program.md"
+    kept in the experiment's directory, and each reply's tokens go to on_reply at once (the loop
+    adds them to the spend and saves it). Runs in a thread of its own: writes only there."""
     answer = Answer(None, None, None)
     for _ in range(EDIT_ATTEMPTS):
-        program_md = program.read_text() if program.exists() else "(no program.md)"  # read afresh
-        request = prompt.build_request(ctx.model, ctx.repo, settings, program_md, ask.shown, ask.history,
-                                       ask.messages)
-        records.save_json(ask.exp_dir / "prompt.json", request)
-        reply = llm.ask(ctx.client, request)
+        records.save_json(ask.exp_dir / "prompt.json", {"system": ask.system, "user": ask.user, "messages": ask.messages})
+        reply = llm.ask(ctx.llm, ask.system, ask.user, ask.messages)
         replies_path = ask.exp_dir / "reply.json"
         replies = json.loads(replies_path.read_text()) if replies_path.exists() else []
-        records.save_json(replies_path, replies + [reply.model_dump(mode="json")])
-        on_reply(reply.usage)
-        # The assistant turn goes back verbatim: models that think (on by default since Claude 5)
-        # reject a follow-up whose thinking blocks were dropped or altered.
-        ask.messages.append({"role": "assistant",
-                             "content": [b.model_dump(mode="json", exclude_none=True) for b in reply.content]})
-        tool = next((b for b in reply.content if b.type == "tool_use"), None)
-        if tool is None:
-            ask.messages.append({"role": "user", "content": f"Reply by calling the {edits.TOOL_NAME} tool."})
+        records.save_json(replies_path, replies + [reply.raw])
+        on_reply(reply.counts)
+        ask.messages.append(reply.turn)
+        if reply.call is None:
+            ask.messages = ctx.llm.feedback(ask.messages, reply.problem or (
+                f"Reply by calling the {edits.TOOL_NAME} tool (or in the text format)."))
             continue
-        args = tool.input if isinstance(tool.input, dict) else {}
+        args = reply.call
         new, error = edits.apply_edits(ask.source, args.get("edits"), ask.tried)
         if new is not None:
-            answer.description, answer.source, answer.edits = \
-                records.clean_description(args.get("description", "")), new, args["edits"]
+            answer = Answer(records.clean_description(args.get("description", "")), new, args["edits"],
+                            one_line(args.get("hypothesis")), one_line(args.get("theme"))[:40].lower() or "other",
+                            [x for x in args.get("lessons") or [] if isinstance(x, dict)])
             break
         print(f"  edit rejected: {error}", flush=True)
-        ask.messages.append({"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": tool.id, "is_error": True, "content": error}]})
+        ask.messages = ctx.llm.feedback(ask.messages, error)
     records.save_json(ask.conversation_file, ask.messages)
     return answer
 
 
-def add_spend(ctx, night, exp_dir, usages):
-    """Add replies' tokens and cost to the run's total and to the experiment's usage.json."""
+def condense(ctx, ask, on_reply):
+    """The notebook rewritten shorter by the model (one request, no tool)."""
+    reply = llm.ask(ctx.llm, ask.system, ask.user, [], tool=False)
+    records.save_json(ask.exp_dir / "condense-reply.json", reply.raw)
+    on_reply(reply.counts)
+    return Answer(None, None, None, text=reply.text)
+
+
+def one_line(text):
+    return " ".join(str(text or "").split())[:200]
+
+
+def add_spend(ctx, night, exp_dir, counts):
+    """Add one reply's tokens and cost to the run's total and to the experiment's usage.json."""
     path = Path(exp_dir) / "usage.json"
     per_exp = json.loads(path.read_text()) if path.exists() else {"usd": 0.0}
-    for usage in usages:
-        counts, usd = llm.usage_cost(ctx.model, usage)
-        for spend in (night.spend, per_exp):
-            for k, v in counts.items():
-                spend[k] = spend.get(k, 0) + v
-            spend["usd"] += usd or 0.0
-        per_exp["price_known"] = usd is not None
+    usd = llm.cost(counts, ctx.llm.price)
+    for spend in (night.spend, per_exp):
+        for k, v in counts.items():
+            spend[k] = spend.get(k, 0) + v
+        spend["usd"] += usd or 0.0
+    per_exp["price_known"] = usd is not None
     records.save_json(path, per_exp)
 
 

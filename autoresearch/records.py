@@ -68,6 +68,8 @@ class Experiment:
     parent_description: str = ""
     edits: list = field(default_factory=list)  # every edit list applied to the parent, in order (to re-apply)
     rebased_attempts: list[int] = field(default_factory=list)  # attempts that beat a parent no longer the best
+    hypothesis: str = ""               # the model's one line: why it should help
+    theme: str = ""                    # the kind of change (the notebook's section)
 
 
 @dataclass
@@ -100,6 +102,10 @@ class Night:
     slot_seconds: dict = field(default_factory=dict)  # slot -> seconds spent inside train.py
     wall_s: float = 0.0       # seconds the driver has been running this night, all sessions
     done: int = 0             # experiments recorded (the baseline included)
+    themes: dict = field(default_factory=dict)  # theme -> {status: experiments}
+    since_keep: int = 0       # ideas recorded since the last one kept (the plateau's streak)
+    awaiting: list = field(default_factory=list)  # [n, summary] of finished ideas whose lesson is owed
+    condensed_chars: int = 0  # the notebook's length after the model last condensed it
 
     @property
     def best_vals(self):

@@ -2,6 +2,7 @@
 It reads the records only; it never changes them.
 """
 
+import json
 import statistics
 from pathlib import Path
 
@@ -24,59 +25,94 @@ def idea_rows(rows):
     return [r for r in rows if not is_extra_run(r) and not r["description"].startswith("baseline")]
 
 
-def report(tsv_path, journal_path=None, png_path=None):
-    """Summarise results.tsv (and the run's journal when there is one); draw progress.png."""
+def report(tsv_path, journal_path=None, png_path=None, as_json=False):
+    """Summarise results.tsv (and the run's journal when there is one): as text and progress.png,
+    or as JSON. Returns the text's lines."""
     tsv_path = Path(tsv_path)
     if not tsv_path.exists():
         raise SystemExit(f"autoresearch: no {tsv_path}; run `python driver.py` first")
     rows = read_tsv(tsv_path)
-    night = read_night(journal_path, tsv_path)
-    ideas = idea_rows(rows)
-    kept = [r for r in ideas if r["status"] == "keep"]
-    baseline = next((r for r in rows if r["description"] == "baseline" and r["status"] == "keep"), None)
-    crashes = [r for r in ideas if r["status"] == "crash"]
+    s = summary(rows, read_night(journal_path, tsv_path))
+    if as_json:
+        print(json.dumps(s, indent=1))
+        return []
+    lines = render(s)
+    print("\n".join(lines))
+    if png_path:
+        plot_progress(rows, groups_of(rows), s["sigma"], png_path)
+        print(f"wrote {png_path}")
+    return lines
+
+
+def groups_of(rows):
+    """val_bpb of the runs of each commit (crashes left out)."""
     groups = {}
     for r in rows:
         if r["status"] != "crash":
             groups.setdefault(r["commit"], []).append(r["val_bpb"])
-    sigma = pooled_std(list(groups.values()))
-    lines = [f"experiments: {len(ideas)} after the baseline ({len(rows)} runs in all), kept "
-             f"{len(kept)}, crash rate {len(crashes) / max(len(ideas), 1):.0%}"]
+    return groups
+
+
+def summary(rows, night):
+    """Everything the report says, as data."""
+    ideas = idea_rows(rows)
+    kept = [r for r in ideas if r["status"] == "keep"]
+    baseline = next((r for r in rows if r["description"] == "baseline" and r["status"] == "keep"), None)
+    groups = groups_of(rows)
+    s = {"experiments": len(ideas), "runs": len(rows), "kept": len(kept),
+         "crash_rate": sum(r["status"] == "crash" for r in ideas) / max(len(ideas), 1),
+         "sigma": pooled_std(list(groups.values())),
+         "wins_rejected": sum("not confirmed" in r["description"] for r in ideas)}
     if baseline:
         chain = [baseline] + kept
-        base = statistics.fmean(groups[chain[0]["commit"]])
-        best = statistics.fmean(groups[chain[-1]["commit"]])
-        lines.append(f"val_bpb (mean over seeds): baseline {base:.6f} -> best {best:.6f} "
-                     f"({best - base:+.6f}, {chain[-1]['commit']}: {chain[-1]['description']})")
-        steps = [(statistics.fmean(groups[a["commit"]]) - statistics.fmean(groups[b["commit"]]), b)
+        mean = {r["commit"]: statistics.fmean(groups[r["commit"]]) for r in chain}
+        s["baseline"] = mean[baseline["commit"]]
+        s["best"] = {"val_bpb": mean[chain[-1]["commit"]], "commit": chain[-1]["commit"],
+                     "description": chain[-1]["description"]}
+        steps = [{"gain": mean[a["commit"]] - mean[b["commit"]], "commit": b["commit"], "description": b["description"]}
                  for a, b in zip(chain, chain[1:])]
-        if steps:
-            lines.append("top improvements:")
-            for gain, r in sorted(steps, key=lambda s: -s[0])[:5]:
-                lines.append(f"  -{gain:.6f}  {r['commit']}  {r['description']}")
-    lines.append("noise floor: " + (f"sigma = {sigma:.6f} val_bpb between seeds of the same code"
-                                    if sigma else "not measured (no code run twice)"))
-    rejected = sum("not confirmed" in r["description"] for r in ideas)
-    lines.append(f"wins rejected as not confirmed: {rejected}")
+        s["improvements"] = sorted(steps, key=lambda x: -x["gain"])
     if night:
-        gpu, spend = night.gpu_s, night.spend
-        lines.append(f"sandbox: {night.sandbox or 'not recorded (a driver before the sandbox)'}")
+        s.update(sandbox=night.sandbox, gpu_hours=night.gpu_s["total"] / 3600, noise_gpu_hours=night.gpu_s["noise"] / 3600,
+                 spend=night.spend, since_keep=night.since_keep, themes=night.themes, wall_hours=night.wall_s / 3600)
         if night.wall_s:
-            hours = night.wall_s / 3600
-            duty = ", ".join(f"{name} {seconds / night.wall_s:.0%}" for name, seconds in sorted(night.slot_seconds.items()))
-            lines.append(f"throughput: {night.done / hours:.1f} experiments per hour over {hours:.2f} h; GPU duty "
-                         f"cycle (share of wall time inside train.py): {duty or 'no run yet'}")
-        lines.append(f"GPU time: {gpu['total'] / 3600:.2f} h, of which noise handling "
-                     f"{gpu['noise'] / 3600:.2f} h ({gpu['noise'] / max(gpu['total'], 1e-9):.0%})")
-        lines.append(f"spend: ${spend['usd']:.2f} ({spend.get('input', 0)} input, "
-                     f"{spend.get('output', 0)} output, {spend.get('cache_read', 0)} cache-read, "
-                     f"{spend.get('cache_write', 0)} cache-write tokens)")
-    else:
-        lines.append("spend and GPU time: no journal found (runs/<tag>/journal.json)")
-    print("\n".join(lines))
-    if png_path:
-        plot_progress(rows, groups, sigma, png_path)
-        print(f"wrote {png_path}")
+            s["experiments_per_hour"] = night.done / (night.wall_s / 3600)
+            s["duty_cycle"] = {name: seconds / night.wall_s for name, seconds in sorted(night.slot_seconds.items())}
+    return s
+
+
+def render(s):
+    """The summary as the report's lines of text."""
+    lines = [f"experiments: {s['experiments']} after the baseline ({s['runs']} runs in all), kept "
+             f"{s['kept']}, crash rate {s['crash_rate']:.0%}"]
+    if "best" in s:
+        best = s["best"]
+        lines.append(f"val_bpb (mean over seeds): baseline {s['baseline']:.6f} -> best {best['val_bpb']:.6f} "
+                     f"({best['val_bpb'] - s['baseline']:+.6f}, {best['commit']}: {best['description']})")
+        if s["improvements"]:
+            lines.append("top improvements:")
+            lines += [f"  -{x['gain']:.6f}  {x['commit']}  {x['description']}" for x in s["improvements"][:5]]
+    lines.append("noise floor: " + (f"sigma = {s['sigma']:.6f} val_bpb between seeds of the same code"
+                                    if s["sigma"] else "not measured (no code run twice)"))
+    lines.append(f"wins rejected as not confirmed: {s['wins_rejected']}")
+    if "spend" not in s:
+        return lines + ["spend and GPU time: no journal found (runs/<tag>/journal.json)"]
+    lines.append(f"sandbox: {s['sandbox'] or 'not recorded (a driver before the sandbox)'}")
+    if "experiments_per_hour" in s:
+        duty = ", ".join(f"{name} {share:.0%}" for name, share in s["duty_cycle"].items())
+        lines.append(f"throughput: {s['experiments_per_hour']:.1f} experiments per hour over {s['wall_hours']:.2f} h; "
+                     f"GPU duty cycle (share of wall time inside train.py): {duty or 'no run yet'}")
+    lines.append(f"GPU time: {s['gpu_hours']:.2f} h, of which noise handling {s['noise_gpu_hours']:.2f} h "
+                 f"({s['noise_gpu_hours'] / max(s['gpu_hours'], 1e-9):.0%})")
+    spend = s["spend"]
+    lines.append(f"spend: ${spend['usd']:.2f} ({spend.get('input', 0)} input, {spend.get('output', 0)} output, "
+                 f"{spend.get('cache_read', 0)} cache-read, {spend.get('cache_write', 0)} cache-write tokens)")
+    lines.append(f"since the last kept change: {s['since_keep']} experiments")
+    if s["themes"]:
+        lines.append("themes (from the notebook, runs/<tag>/notes.md):")
+        for theme, counts in sorted(s["themes"].items(), key=lambda kv: -sum(kv[1].values())):
+            lines.append(f"  {theme}: {sum(counts.values())} tried, {counts.get('keep', 0)} kept, "
+                         f"{counts.get('discard', 0)} discarded, {counts.get('crash', 0)} crashed")
     return lines
 
 

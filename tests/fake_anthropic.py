@@ -1,7 +1,8 @@
 """A fake Anthropic Messages API on 127.0.0.1 for driver tests.
 
 The real `anthropic` client talks to it through ANTHROPIC_BASE_URL. Replies are scripted
-in order: an edit (answered as a thinking block then a tool_use, as current models reply),
+in order: an edit (answered as a thinking block then a tool_use, as current models reply), a
+text ({"text": ...}, a reply without the tool),
 an HTTP error, a broken 200 (cut short, or a proxy's HTML page), or a function of the
 request. Every request body is recorded. Like the real API for models that think, it answers
 400 to a forced tool_choice and to a conversation whose assistant turns lost their thinking
@@ -15,9 +16,14 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def edit(description, *pairs):
-    """A scripted tool_use reply: edit("idea", ("old", "new"), ...)."""
-    return {"description": description, "edits": [{"search": a, "replace": b} for a, b in pairs]}
+def edit(description, *pairs, hypothesis=None, theme=None, lessons=()):
+    """A scripted tool_use reply: edit("idea", ("old", "new"), ..., hypothesis=..., theme=...,
+    lessons=[(n, "lesson")])."""
+    reply = {"description": description, "edits": [{"search": a, "replace": b} for a, b in pairs]}
+    if hypothesis is not None:
+        reply.update(hypothesis=hypothesis, theme=theme or "other",
+                     lessons=[{"experiment": n, "lesson": text} for n, text in lessons])
+    return reply
 
 
 def error(status, kind="api_error", message="scripted failure"):
@@ -98,12 +104,12 @@ class FakeAnthropic:
                 if "raw" in reply:
                     return self.send_raw(reply)
                 n = len(fake.requests)
+                answer = {"type": "text", "text": reply["text"]} if set(reply) == {"text"} else \
+                    {"type": "tool_use", "id": f"toolu_{n}", "name": "edit_train_py", "input": reply}
                 self.send(200, {
                     "id": f"msg_{n}", "type": "message", "role": "assistant", "model": body["model"],
-                    "content": [{"type": "thinking", "thinking": f"thought {n}", "signature": f"sig_{n}"},
-                                {"type": "tool_use", "id": f"toolu_{n}", "name": "edit_train_py",
-                                 "input": reply}],
-                    "stop_reason": "tool_use", "stop_sequence": None,
+                    "content": [{"type": "thinking", "thinking": f"thought {n}", "signature": f"sig_{n}"}, answer],
+                    "stop_reason": "tool_use" if answer["type"] == "tool_use" else "end_turn", "stop_sequence": None,
                     "usage": {"input_tokens": 1000, "output_tokens": 200,
                               "cache_creation_input_tokens": 2000, "cache_read_input_tokens": 3000}})
 

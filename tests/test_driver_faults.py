@@ -113,7 +113,7 @@ def dies(*args):
 def test_killed_during_start_up_then_restarted(repo, fake, monkeypatch, where):
     with monkeypatch.context() as patch:
         if where == "check_access":
-            patch.setattr(llm, "check_access", dies)
+            patch.setattr(llm.AnthropicProvider, "check_access", dies)
         elif where == "first journal write":
             patch.setattr(records, "save_night", dies)
         else:

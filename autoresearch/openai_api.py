@@ -1,0 +1,118 @@
+"""The OpenAI Chat Completions API, through the official `openai` SDK (pip install -e '.[openai]'):
+OpenAI, and the servers that speak it (vLLM, Ollama, llama.cpp's server, OpenRouter), selected
+with --provider openai (or a model id "openai:<id>") and --base-url / OPENAI_BASE_URL.
+
+The edit protocol is the same as with Anthropic: a call of the edit tool. A model or server
+without tool calling answers in a plain-text format instead (edits.TEXT_FORMAT), which is parsed
+and validated the same way; a server that refuses the tools parameter is asked without it.
+"""
+
+import json
+import os
+
+from autoresearch.edits import EDIT_TOOL, TEXT_FORMAT, TOOL_NAME, parse_text_reply
+from autoresearch.llm import LLM_TIMEOUT_S, NotFound, Reply, Transient, refuse, with_retries
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(self, model, base_url, price):
+        try:
+            import openai
+        except ImportError:
+            raise SystemExit("autoresearch: --provider openai needs the openai SDK: pip install -e '.[openai]'")
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        key = os.environ.get("OPENAI_API_KEY") or ("none" if base_url else None)  # a local server needs none
+        if key is None:
+            raise SystemExit("autoresearch: set OPENAI_API_KEY (or --base-url for a local server such as Ollama)")
+        self.model, self.price, self.tools = model, price, True
+        self.client = openai.OpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=LLM_TIMEOUT_S)
+
+    def check_access(self):
+        """The models list (free) must hold the model; a server without the list, or whose list names
+        it otherwise (Ollama's tags), is asked one tiny message: a bad key or model stops the run now."""
+        def model_ids():
+            page = self.client.models.list()
+            return None if isinstance(page, str) else [m.id for m in page]
+        try:
+            listed = with_retries(lambda: self.guard(model_ids, lambda ids: isinstance(ids, list)))
+        except NotFound:
+            listed = []
+        if self.model not in listed:
+            try:
+                with_retries(lambda: self.guard(lambda: self.client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": "Reply with one word."}]), is_completion))
+            except NotFound as e:
+                refuse(404, str(e), self.model, "OPENAI_API_KEY")
+
+    def request(self, system, user, tail, tool=True):
+        messages = [{"role": "system", "content": "\n\n".join([text for text, _ in system] + [TEXT_FORMAT] * tool)},
+                    {"role": "user", "content": "\n\n".join(text for text, _ in user)}] + tail
+        tools = [{"type": "function", "function": {"name": TOOL_NAME, "description": EDIT_TOOL["description"],
+                                                   "parameters": EDIT_TOOL["input_schema"]}}]
+        try:
+            reply = self.guard(lambda: self.client.chat.completions.create(
+                model=self.model, messages=messages, **({"tools": tools} if self.tools and tool else {})), is_completion)
+        except NotFound as e:
+            refuse(404, str(e), self.model, "OPENAI_API_KEY")
+        message = reply.choices[0].message
+        turn = {"role": "assistant", "content": message.content or ""}
+        call, problem = None, ""
+        if message.tool_calls:
+            turn["tool_calls"] = [c.model_dump(mode="json", exclude_none=True) for c in message.tool_calls]
+            try:
+                call = json.loads(message.tool_calls[0].function.arguments or "{}")
+            except json.JSONDecodeError as e:
+                problem = f"the arguments of your {TOOL_NAME} call are not valid JSON ({e}); call it again"
+            if not isinstance(call, dict):
+                call, problem = None, problem or f"the arguments of your {TOOL_NAME} call must be a JSON object"
+        else:
+            call = parse_text_reply(message.content or "")
+        usage = reply.usage
+        cached = getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", 0) or 0 if usage else 0
+        counts = {"input": (usage.prompt_tokens or 0) - cached, "output": usage.completion_tokens or 0,
+                  "cache_read": cached} if usage else {}
+        return Reply(reply.model_dump(mode="json"), turn, call, problem, counts, message.content or "")
+
+    @staticmethod
+    def feedback(messages, text):
+        """Tell the model about its last reply: a tool message for its call, or a plain user turn."""
+        calls = messages[-1].get("tool_calls") if messages and messages[-1]["role"] == "assistant" else None
+        if not calls:
+            return messages + [{"role": "user", "content": text}]
+        return messages + [{"role": "tool", "tool_call_id": calls[0]["id"], "content": text}]
+
+    def guard(self, call, is_valid):
+        """call() with the SDK's errors sorted into transient (Transient) and refusals (SystemExit);
+        a server that refuses the tools parameter is asked in the text format from then on."""
+        import openai
+        try:
+            reply = call()
+        except openai.APIStatusError as e:
+            body = e.body if isinstance(e.body, dict) else {}
+            code, message = e.status_code, str(body.get("message") or getattr(e, "message", "") or e)
+            if code == 400 and self.tools and "tool" in message.lower():
+                print(f"  LLM API: the server does not take tools ({message[:80]}); edits in the text format "
+                      "from now on", flush=True)
+                self.tools = False
+                raise Transient("asking again without tools", 0.01)
+            if code == 404:
+                raise NotFound(message)
+            if not (code in (408, 409, 429) or code >= 500):
+                refuse(code, message, self.model, "OPENAI_API_KEY")
+            retry_after = e.response.headers.get("retry-after", "") if e.response is not None else ""
+            raise Transient(f"HTTP {code} ({message[:120]})",
+                            float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None)
+        except openai.APIConnectionError as e:
+            raise Transient(f"connection problem ({e.__class__.__name__})", None)
+        except (openai.APIResponseValidationError, json.JSONDecodeError) as e:
+            raise Transient(f"a malformed reply ({e.__class__.__name__})", None)
+        if not is_valid(reply):
+            raise Transient(f"a reply that is not the API's ({str(reply)[:60]!r})", None)
+        return reply
+
+
+def is_completion(reply):
+    from openai.types.chat import ChatCompletion
+    return isinstance(reply, ChatCompletion) and bool(reply.choices) and reply.choices[0].message is not None

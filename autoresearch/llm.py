@@ -180,21 +180,31 @@ class AnthropicProvider:
         try:
             reply = call()
         except anthropic.APIStatusError as e:
-            code = e.status_code
-            if code == 404:
-                raise NotFound(api_error_text(e))
-            if not (code in (408, 409, 429) or code >= 500):
-                refuse(code, api_error_text(e), self.model)
-            retry_after = e.response.headers.get("retry-after", "") if e.response is not None else ""
-            raise Transient(f"HTTP {code} ({api_error_text(e)})",
-                            float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None)
+            sort_status(e, api_error_text(e), self.model, "ANTHROPIC_API_KEY")
         except anthropic.APIConnectionError as e:
             raise Transient(f"connection problem ({e.__class__.__name__})", None)
         except (anthropic.APIResponseValidationError, json.JSONDecodeError) as e:
             raise Transient(f"a malformed reply ({e.__class__.__name__})", None)
-        if not is_valid(reply):
-            raise Transient(f"a reply that is not the API's ({str(reply)[:60]!r})", None)
-        return reply
+        return valid(reply, is_valid)
+
+
+def sort_status(error, message, model, key):
+    """An HTTP error answer of either SDK: NotFound (404), a refusal (SystemExit) or a Transient."""
+    code = error.status_code
+    if code == 404:
+        raise NotFound(message)
+    if not (code in (408, 409, 429) or code >= 500):
+        refuse(code, message, model, key)
+    retry_after = error.response.headers.get("retry-after", "") if error.response is not None else ""
+    raise Transient(f"HTTP {code} ({message[:120]})",
+                    float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None)
+
+
+def valid(reply, is_valid):
+    """The reply, if it is the API's (a proxy's 200 can be an HTML page, or JSON of another shape)."""
+    if not is_valid(reply):
+        raise Transient(f"a reply that is not the API's ({str(reply)[:60]!r})", None)
+    return reply
 
 
 class NotFound(Exception):

@@ -11,7 +11,7 @@ import json
 import os
 
 from autoresearch.edits import EDIT_TOOL, TEXT_FORMAT, TOOL_NAME, parse_text_reply
-from autoresearch.llm import LLM_TIMEOUT_S, NotFound, Reply, Transient, refuse, with_retries
+from autoresearch.llm import LLM_TIMEOUT_S, NotFound, Reply, Transient, refuse, sort_status, valid, with_retries
 
 
 class OpenAIProvider:
@@ -92,25 +92,19 @@ class OpenAIProvider:
         except openai.APIStatusError as e:
             body = e.body if isinstance(e.body, dict) else {}
             code, message = e.status_code, str(body.get("message") or getattr(e, "message", "") or e)
-            if code == 400 and self.tools and "tool" in message.lower():
+            lowered = message.lower()
+            if code == 400 and self.tools and "tool" in lowered and any(
+                    w in lowered for w in ("support", "requires", "enable", "jinja")):  # Ollama, vLLM, llama.cpp
                 print(f"  LLM API: the server does not take tools ({message[:80]}); edits in the text format "
                       "from now on", flush=True)
                 self.tools = False
                 raise Transient("asking again without tools", 0.01)
-            if code == 404:
-                raise NotFound(message)
-            if not (code in (408, 409, 429) or code >= 500):
-                refuse(code, message, self.model, "OPENAI_API_KEY")
-            retry_after = e.response.headers.get("retry-after", "") if e.response is not None else ""
-            raise Transient(f"HTTP {code} ({message[:120]})",
-                            float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None)
+            sort_status(e, message, self.model, "OPENAI_API_KEY")
         except openai.APIConnectionError as e:
             raise Transient(f"connection problem ({e.__class__.__name__})", None)
         except (openai.APIResponseValidationError, json.JSONDecodeError) as e:
             raise Transient(f"a malformed reply ({e.__class__.__name__})", None)
-        if not is_valid(reply):
-            raise Transient(f"a reply that is not the API's ({str(reply)[:60]!r})", None)
-        return reply
+        return valid(reply, is_valid)
 
 
 def is_completion(reply):

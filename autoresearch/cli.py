@@ -56,9 +56,11 @@ def parser():
     p.add_argument("--price", default=None, metavar="IN,OUT",
                    help="USD per million input and output tokens, for a model whose price the driver does not know "
                         "(a local model: 0,0); then --max-cost works")
+    p.add_argument("--llm-timeout", type=float, default=llm.LLM_TIMEOUT_S, metavar="SECONDS",
+                   help="one LLM request's limit (a slow local model may need more; default: %(default)s)")
     p.add_argument("--plateau", type=int, default=PLATEAU, metavar="N",
                    help="after N ideas without a kept change, tell the model and ask for another kind of change "
-                        "(default: %(default)s)")
+                        "(0: never; default: %(default)s)")
     p.add_argument("--max-experiments", type=int, default=MAX_EXPERIMENTS, metavar="N",
                    help="stop after N experiments after the baseline (default: no limit)")
     p.add_argument("--deadline", default=None, metavar="WHEN",
@@ -110,7 +112,7 @@ def drive(args):
     prepare, settings, hashes = check_repo(args, repo)
     cuda = check_cuda(args.allow_cpu)
     provider = llm.make_provider(args.provider, args.model, args.base_url,
-                                 llm.parse_price(args.price) if args.price else None)
+                                 llm.parse_price(args.price) if args.price else None, args.llm_timeout)
     provider.check_access()
     box = sandbox.choose(args.sandbox, args.allow_network, repo, cuda)
     night, run_dir = open_night(args, repo, settings, hashes)

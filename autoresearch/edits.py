@@ -48,22 +48,27 @@ LESSON #<n>: <one line for each finished experiment you are asked about>
 <the lines that replace them>
 >>>>>>> REPLACE
 (one SEARCH/REPLACE block per edit, applied in order)"""
-BLOCK_RE = re.compile(r"^<<<<<<< SEARCH\n(.*?)^=======\n(.*?)^>>>>>>> REPLACE$", re.M | re.S)
+BLOCK_RE = re.compile(r"^<<<<<<< SEARCH[ \t]*\n(.*?)^=======[ \t]*\n(.*?)^>>>>>>> REPLACE[ \t]*$", re.M | re.S)
 
 
 def parse_text_reply(text):
-    """The edit tool's arguments from a reply in TEXT_FORMAT, or None when it holds no edit block."""
+    """The edit tool's arguments from a reply in TEXT_FORMAT, or None when it holds no edit block or an
+    unclosed one. Tolerates CRLF, a thinking preamble, bold field names and spaces after a marker."""
+    text = re.sub(r"<think>.*?</think>", "", text.replace("\r\n", "\n"), flags=re.S)
     blocks = BLOCK_RE.findall(text)
-    if not blocks:
+    if not blocks or len(blocks) != len(re.findall(r"^<<<<<<< SEARCH", text, re.M)):
         return None
 
     def field(name):
-        m = re.search(rf"^{name}:[ \t]*(.*)$", text, re.M)
+        m = re.search(rf"^\W*{name}\W*:\**[ \t]*(.*)$", text, re.M | re.I)
         return m[1].strip() if m else ""
+
+    def lines(block):  # the block's lines, without the newline before the next marker
+        return block[:-1] if block.endswith("\n") else block
     return {"description": field("DESCRIPTION"), "hypothesis": field("HYPOTHESIS"), "theme": field("THEME"),
             "lessons": [{"experiment": int(n), "lesson": lesson.strip()}
-                        for n, lesson in re.findall(r"^LESSON #(\d+):[ \t]*(.*)$", text, re.M)],
-            "edits": [{"search": search, "replace": replace} for search, replace in blocks]}
+                        for n, lesson in re.findall(r"^\W*LESSON #(\d+)\W*:\**[ \t]*(.*)$", text, re.M | re.I)],
+            "edits": [{"search": lines(search), "replace": lines(replace)} for search, replace in blocks]}
 
 
 def apply_edits(source, edits, tried_hashes):

@@ -185,7 +185,7 @@ def remember(ctx, night, p, status, best_before):
     delta = mean - best_before if mean is not None and best_before is not None else None
     theme = p.theme or "other"
     line = notebook.entry(p, status, mean, delta)
-    notebook.add_entry(ctx.run_dir / "notes.md", theme, line)
+    notebook.add_entry(ctx.run_dir / "notes.md", theme, p.n, line)
     counts = night.themes.setdefault(theme, {})
     counts[status] = counts.get(status, 0) + 1
     night.since_keep = 0 if status == "keep" else night.since_keep + 1

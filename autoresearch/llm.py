@@ -80,12 +80,16 @@ def ask(provider, system, user, tail, tool=True):
 
 
 def parse_price(text):
-    """--price IN,OUT (USD per million tokens) as the four prices (cache writes and reads at IN)."""
+    """--price IN,OUT[,CACHE_WRITE,CACHE_READ] (USD per million tokens) as the four prices; without
+    the cache prices, cache writes and reads cost as input (an upper bound)."""
     try:
-        price_in, price_out = (float(x) for x in text.split(","))
+        prices = [float(x) for x in text.split(",")]
+        if len(prices) not in (2, 4) or min(prices) < 0:
+            raise ValueError
     except ValueError:
-        raise SystemExit(f"autoresearch: --price {text!r}: give USD per million input and output tokens, e.g. 0.5,1.5")
-    return (price_in, price_out, price_in, price_in)
+        raise SystemExit(f"autoresearch: --price {text!r}: give USD per million input and output tokens (and "
+                         "optionally cache writes and reads), e.g. 0.5,1.5")
+    return tuple(prices) if len(prices) == 4 else (prices[0], prices[1], prices[0], prices[0])
 
 
 def model_price(model):
@@ -100,14 +104,14 @@ def cost(counts, price):
     return sum(counts.get(k, 0) * p for k, p in zip(("input", "output", "cache_write", "cache_read"), price)) / 1e6
 
 
-def make_provider(name, model, base_url=None, price=None):
-    """The provider for --provider (or a model id "openai:<id>")."""
+def make_provider(name, model, base_url=None, price=None, timeout_s=None):
+    """The provider for --provider (or a model id "openai:<id>"); timeout_s: one request's limit."""
     if model.startswith("openai:"):
         name, model = "openai", model.removeprefix("openai:")
     if name == "openai" or base_url:
         from autoresearch.openai_api import OpenAIProvider
-        return OpenAIProvider(model, base_url, price)
-    return AnthropicProvider(model, price or model_price(model))
+        return OpenAIProvider(model, base_url, price, timeout_s or LLM_TIMEOUT_S)
+    return AnthropicProvider(model, price or model_price(model), timeout_s or LLM_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------
@@ -117,10 +121,10 @@ def make_provider(name, model, base_url=None, price=None):
 class AnthropicProvider:
     name = "anthropic"
 
-    def __init__(self, model, price):
+    def __init__(self, model, price, timeout_s):
         import anthropic
         self.model, self.price = model, price
-        self.client = anthropic.Anthropic(max_retries=0, timeout=LLM_TIMEOUT_S)
+        self.client = anthropic.Anthropic(max_retries=0, timeout=timeout_s)
 
     def check_access(self):
         """One free request (the model's entry in the models list) before any GPU time is spent: a
@@ -153,12 +157,14 @@ class AnthropicProvider:
         except NotFound as e:
             refuse(404, str(e), self.model)
         call = next((b for b in reply.content if b.type == "tool_use"), None)
+        cut = reply.stop_reason == "max_tokens"
         usage = reply.usage
         # The assistant turn goes back verbatim: models that think (on by default since Claude 5)
         # reject a follow-up whose thinking blocks were dropped or altered.
         return Reply(reply.model_dump(mode="json"),
                      {"role": "assistant", "content": [b.model_dump(mode="json", exclude_none=True) for b in reply.content]},
-                     (call.input if isinstance(call.input, dict) else {}) if call else None,
+                     (call.input if isinstance(call.input, dict) else {}) if call and not cut else None,
+                     "your reply was cut off at the length limit: answer with less text" if cut else "",
                      counts={"input": usage.input_tokens or 0, "output": usage.output_tokens or 0,
                              "cache_write": getattr(usage, "cache_creation_input_tokens", 0) or 0,
                              "cache_read": getattr(usage, "cache_read_input_tokens", 0) or 0},
@@ -166,13 +172,15 @@ class AnthropicProvider:
 
     @staticmethod
     def feedback(messages, text):
-        """Tell the model about its last reply: an error result for its tool call, or a plain turn."""
-        tool = next((b["id"] for b in reversed(messages[-1]["content"]) if b.get("type") == "tool_use"), None) \
-            if messages and messages[-1]["role"] == "assistant" and isinstance(messages[-1]["content"], list) else None
-        if tool is None:
+        """Tell the model about its last reply: an error result for each of its tool calls (the first
+        gets `text`; the API wants every call answered), or a plain turn."""
+        last = messages[-1] if messages and messages[-1]["role"] == "assistant" else {}
+        ids = [b["id"] for b in last.get("content") or [] if isinstance(b, dict) and b.get("type") == "tool_use"]
+        if not ids:
             return messages + [{"role": "user", "content": text}]
         return messages + [{"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": tool, "is_error": True, "content": text}]}]
+            {"type": "tool_result", "tool_use_id": i, "is_error": True,
+             "content": text if k == 0 else "ignored: one call per reply"} for k, i in enumerate(ids)]}]
 
     def guard(self, call, is_valid):
         """call() with Anthropic's errors sorted into transient (Transient) and refusals (SystemExit)."""

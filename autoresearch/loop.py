@@ -125,9 +125,9 @@ def ask(ctx, night, events, asking):
         if failed[0] == "fix" and p.n not in asking and len(asking) < most:
             submit(ctx, night, events, asking, fix_ask(ctx, night, p, failed[1]))
     if notebook.too_long(ctx.run_dir / "notes.md", night.condensed_chars) and CONDENSE not in asking \
-            and len(asking) < most:
-        text = notebook.read(ctx.run_dir / "notes.md")
-        submit(ctx, night, events, asking, proposals.Ask(CONDENSE, "condense", ctx.run_dir, "",
+            and len(asking) < most and not stop_reason(ctx, night):
+        text = notebook.read(ctx.run_dir / "notes.md")  # the snapshot the model condenses (the Ask's source)
+        submit(ctx, night, events, asking, proposals.Ask(CONDENSE, "condense", ctx.run_dir, text,
                                                          *prompt.condense_request(text, notebook.NOTES_MAX_CHARS),
                                                          [], ctx.run_dir / "condense.json", frozenset()))
     if not night.best_vals and not night.in_flight:  # the baseline: the committed train.py, no LLM
@@ -164,7 +164,7 @@ def request_parts(ctx, night, shown):
     if night.awaiting:
         guidance += ("Give a one-line lesson (in `lessons`) for each of these finished experiments, what its "
                      "result says:\n" + "\n".join(f"{line}" for _, line in night.awaiting) + "\n\n")
-    if night.since_keep >= ctx.plateau:
+    if 0 < ctx.plateau <= night.since_keep:
         tried = sorted(night.themes.items(), key=lambda kv: -sum(kv[1].values()))[:3]
         themes = ", ".join(f"{theme} ({sum(c.values())} tried, {c.get('keep', 0)} kept)" for theme, c in tried)
         guidance += (f"Plateau: no change has been kept in the last {night.since_keep} experiments. The themes "
@@ -201,14 +201,15 @@ def answered(ctx, night, asked, answer):
     request, parent, parent_description = asked
     if request.kind == "condense":
         if answer.text.strip():
-            notebook.replace(ctx.run_dir / "notes.md", answer.text, ctx.run_dir)
+            notebook.replace(ctx.run_dir / "notes.md", answer.text, request.source, ctx.run_dir)
         night.condensed_chars = len(notebook.read(ctx.run_dir / "notes.md"))
         experiment.save(ctx, night)
         return
     for lesson in answer.lessons:
-        owed = [a for a in night.awaiting if a[0] == lesson.get("experiment")]
-        if owed and str(lesson.get("lesson", "")).strip():
-            notebook.add_lesson(ctx.run_dir / "notes.md", owed[0][0], proposals.one_line(lesson["lesson"]))
+        n = str(lesson.get("experiment", "")).lstrip("#")
+        owed = [a for a in night.awaiting if n.isdigit() and a[0] == int(n)]
+        text = proposals.one_line(lesson.get("lesson"))
+        if owed and text and notebook.add_lesson(ctx.run_dir / "notes.md", owed[0][0], text):
             night.awaiting.remove(owed[0])
     p = next((p for p in night.in_flight if p.n == request.n), None)
     night.next_n = max(night.next_n, request.n + 1)

@@ -19,10 +19,13 @@ def read(path):
     return path.read_text() if path.exists() else ""
 
 
-def add_entry(path, theme, line):
-    """`- line` at the end of the theme's section (made if missing), whatever the human changed."""
+def add_entry(path, theme, n, line):
+    """`- line` (experiment n's) at the end of the theme's section (made if missing), whatever the
+    human changed; once only (a record repeated after a kill adds nothing)."""
     text = read(path) or HEADER
     lines = text.rstrip("\n").split("\n")
+    if any(existing.startswith(f"- #{n} ") for existing in lines):
+        return
     heading = f"## {theme}"
     if heading not in lines:
         lines += ["", heading]
@@ -37,18 +40,26 @@ def add_entry(path, theme, line):
 
 
 def add_lesson(path, n, lesson):
-    """The model's one-line lesson, added to experiment n's line (if the human has not removed it)."""
+    """The model's one-line lesson, added to experiment n's line; False if the line is gone (the
+    human removed it, or a condensing merged it)."""
     text = read(path)
     new = re.sub(rf"^(- #{n} .*?)$", lambda m: f"{m[1]} Lesson: {lesson}", text, count=1, flags=re.M)
     if new != text:
         records.write_atomic(path, new)
+    return new != text
 
 
-def replace(path, text, run_dir):
-    """A condensed notebook in place of the long one, which is kept aside."""
+def replace(path, condensed, snapshot, run_dir):
+    """The model's condensed notebook in place of the long one (kept aside); lines added to the file
+    since `snapshot` (the text the model condensed: new entries, the human's edits) are kept too."""
+    condensed = re.sub(r"<think>.*?</think>", "", condensed, flags=re.S).strip()
+    condensed = re.sub(r"^```\w*\n(.*)\n```$", r"\1", condensed, flags=re.S).strip()  # a fenced reply
+    current = read(path)
+    before = set(snapshot.splitlines())
+    added = [line for line in current.splitlines() if line.strip() and line not in before]
     if Path(path).exists():
         records.set_aside(Path(path), "before-condensing", run_dir)
-    records.write_atomic(path, text.strip() + "\n")
+    records.write_atomic(path, condensed + "\n" + ("\n" + "\n".join(added) + "\n" if added else ""))
 
 
 def too_long(path, condensed_chars=0):

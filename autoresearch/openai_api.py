@@ -11,13 +11,13 @@ import json
 import os
 
 from autoresearch.edits import EDIT_TOOL, TEXT_FORMAT, TOOL_NAME, parse_text_reply
-from autoresearch.llm import LLM_TIMEOUT_S, NotFound, Reply, Transient, refuse, sort_status, valid, with_retries
+from autoresearch.llm import NotFound, Reply, Transient, refuse, sort_status, valid, with_retries
 
 
 class OpenAIProvider:
     name = "openai"
 
-    def __init__(self, model, base_url, price):
+    def __init__(self, model, base_url, price, timeout_s):
         try:
             import openai
         except ImportError:
@@ -27,7 +27,7 @@ class OpenAIProvider:
         if key is None:
             raise SystemExit("autoresearch: set OPENAI_API_KEY (or --base-url for a local server such as Ollama)")
         self.model, self.price, self.tools = model, price, True
-        self.client = openai.OpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=LLM_TIMEOUT_S)
+        self.client = openai.OpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=timeout_s)
 
     def check_access(self):
         """The models list (free) must hold the model; a server without the list, or whose list names
@@ -51,24 +51,24 @@ class OpenAIProvider:
                     {"role": "user", "content": "\n\n".join(text for text, _ in user)}] + tail
         tools = [{"type": "function", "function": {"name": TOOL_NAME, "description": EDIT_TOOL["description"],
                                                    "parameters": EDIT_TOOL["input_schema"]}}]
+        with_tools = self.tools and tool  # (another thread may turn tools off meanwhile: this request's own)
         try:
             reply = self.guard(lambda: self.client.chat.completions.create(
-                model=self.model, messages=messages, **({"tools": tools} if self.tools and tool else {})), is_completion)
+                model=self.model, messages=messages, **({"tools": tools} if with_tools else {})), is_completion,
+                with_tools)
         except NotFound as e:
             refuse(404, str(e), self.model, "OPENAI_API_KEY")
-        message = reply.choices[0].message
+        choice = reply.choices[0]
+        message = choice.message
         turn = {"role": "assistant", "content": message.content or ""}
         call, problem = None, ""
         if message.tool_calls:
             turn["tool_calls"] = [c.model_dump(mode="json", exclude_none=True) for c in message.tool_calls]
-            try:
-                call = json.loads(message.tool_calls[0].function.arguments or "{}")
-            except json.JSONDecodeError as e:
-                problem = f"the arguments of your {TOOL_NAME} call are not valid JSON ({e}); call it again"
-            if not isinstance(call, dict):
-                call, problem = None, problem or f"the arguments of your {TOOL_NAME} call must be a JSON object"
+            call, problem = read_call(message.tool_calls[0])
         else:
             call = parse_text_reply(message.content or "")
+        if choice.finish_reason == "length":
+            call, problem = None, "your reply was cut off at the length limit: answer with less text"
         usage = reply.usage
         cached = getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", 0) or 0 if usage else 0
         counts = {"input": (usage.prompt_tokens or 0) - cached, "output": usage.completion_tokens or 0,
@@ -77,13 +77,16 @@ class OpenAIProvider:
 
     @staticmethod
     def feedback(messages, text):
-        """Tell the model about its last reply: a tool message for its call, or a plain user turn."""
+        """Tell the model about its last reply: a tool message for each of its calls (the first gets
+        `text`; the API wants every call answered), or a plain user turn."""
         calls = messages[-1].get("tool_calls") if messages and messages[-1]["role"] == "assistant" else None
-        if not calls:
+        ids = [c.get("id") for c in calls or [] if isinstance(c, dict) and c.get("id")]
+        if not ids:
             return messages + [{"role": "user", "content": text}]
-        return messages + [{"role": "tool", "tool_call_id": calls[0]["id"], "content": text}]
+        return messages + [{"role": "tool", "tool_call_id": i, "content": text if k == 0 else
+                            "ignored: one call per reply"} for k, i in enumerate(ids)]
 
-    def guard(self, call, is_valid):
+    def guard(self, call, is_valid, sent_tools=False):
         """call() with the SDK's errors sorted into transient (Transient) and refusals (SystemExit);
         a server that refuses the tools parameter is asked in the text format from then on."""
         import openai
@@ -92,8 +95,10 @@ class OpenAIProvider:
         except openai.APIStatusError as e:
             body = e.body if isinstance(e.body, dict) else {}
             code, message = e.status_code, str(body.get("message") or getattr(e, "message", "") or e)
+            if body.get("code") == "insufficient_quota":  # OpenAI's 429 for an empty account: no use waiting
+                refuse(code, message, self.model, "OPENAI_API_KEY")
             lowered = message.lower()
-            if code == 400 and self.tools and "tool" in lowered and any(
+            if code == 400 and sent_tools and "tool" in lowered and any(
                     w in lowered for w in ("support", "requires", "enable", "jinja")):  # Ollama, vLLM, llama.cpp
                 print(f"  LLM API: the server does not take tools ({message[:80]}); edits in the text format "
                       "from now on", flush=True)
@@ -102,9 +107,26 @@ class OpenAIProvider:
             sort_status(e, message, self.model, "OPENAI_API_KEY")
         except openai.APIConnectionError as e:
             raise Transient(f"connection problem ({e.__class__.__name__})", None)
-        except (openai.APIResponseValidationError, json.JSONDecodeError) as e:
+        except (openai.APIResponseValidationError, json.JSONDecodeError, AttributeError, TypeError) as e:
             raise Transient(f"a malformed reply ({e.__class__.__name__})", None)
         return valid(reply, is_valid)
+
+
+def read_call(tool_call):
+    """(the edit tool's arguments, "") or (None, what is wrong with the call, for the model)."""
+    function = getattr(tool_call, "function", None)
+    if function is None:
+        return None, f"your tool call names no function; call {TOOL_NAME}"
+    arguments = getattr(function, "arguments", None)
+    if isinstance(arguments, dict):  # some servers send an object, not a string
+        return arguments, ""
+    try:
+        call = json.loads(arguments or "{}")
+    except (json.JSONDecodeError, TypeError) as e:
+        return None, f"the arguments of your {TOOL_NAME} call are not valid JSON ({e}); call it again"
+    if not isinstance(call, dict):
+        return None, f"the arguments of your {TOOL_NAME} call must be a JSON object"
+    return call, ""
 
 
 def is_completion(reply):

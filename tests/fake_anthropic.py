@@ -104,12 +104,15 @@ class FakeAnthropic:
                 if "raw" in reply:
                     return self.send_raw(reply)
                 n = len(fake.requests)
-                answer = {"type": "text", "text": reply["text"]} if set(reply) == {"text"} else \
-                    {"type": "tool_use", "id": f"toolu_{n}", "name": "edit_train_py", "input": reply}
+                if set(reply) == {"text"}:
+                    answer = [{"type": "text", "text": reply["text"]}]
+                else:  # {"calls": [...]}: several tool calls in one reply (parallel tool use)
+                    answer = [{"type": "tool_use", "id": f"toolu_{n}_{k}", "name": "edit_train_py", "input": call}
+                              for k, call in enumerate(reply.get("calls") or [reply])]
                 self.send(200, {
                     "id": f"msg_{n}", "type": "message", "role": "assistant", "model": body["model"],
-                    "content": [{"type": "thinking", "thinking": f"thought {n}", "signature": f"sig_{n}"}, answer],
-                    "stop_reason": "tool_use" if answer["type"] == "tool_use" else "end_turn", "stop_sequence": None,
+                    "content": [{"type": "thinking", "thinking": f"thought {n}", "signature": f"sig_{n}"}, *answer],
+                    "stop_reason": "tool_use" if answer[0]["type"] == "tool_use" else "end_turn", "stop_sequence": None,
                     "usage": {"input_tokens": 1000, "output_tokens": 200,
                               "cache_creation_input_tokens": 2000, "cache_read_input_tokens": 3000}})
 
@@ -142,11 +145,18 @@ class FakeAnthropic:
         """What the real API would refuse in this request for a thinking model, or ''."""
         if body.get("tool_choice", {}).get("type") in ("any", "tool"):
             return "forced tool use is not compatible with thinking"
-        for message in body["messages"]:
+        messages = body["messages"]
+        for i, message in enumerate(messages):
             if message["role"] == "assistant":
                 thinking = [b for b in message["content"] if b["type"] == "thinking"]
                 if not thinking or not thinking[0].get("signature", "").startswith("sig_"):
                     return "assistant turns must keep their thinking blocks unchanged"
+                calls = sorted(b["id"] for b in message["content"] if b["type"] == "tool_use")
+                after = messages[i + 1]["content"] if i + 1 < len(messages) else []
+                answered = sorted(b["tool_use_id"] for b in after if isinstance(b, dict) and b["type"] == "tool_result") \
+                    if isinstance(after, list) else []
+                if calls and i + 1 < len(messages) and answered != calls:
+                    return "tool_use ids were found without tool_result blocks immediately after"
         return ""
 
     def close(self):

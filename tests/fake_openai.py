@@ -33,6 +33,15 @@ def bad_arguments():
     return {"raw_arguments": "{\"description\": \"cut off"}
 
 
+def two_calls(first, second):
+    """Two tool calls in one reply (parallel tool use)."""
+    return {"calls": [first["tool"], second["tool"]]}
+
+
+def cut_at_length(reply):
+    return {**reply, "finish_reason": "length"}
+
+
 def error(status, message="scripted failure"):
     return {"status": status, "message": message}
 
@@ -40,7 +49,7 @@ def error(status, message="scripted failure"):
 class FakeOpenAI:
     def __init__(self, tools=True, reject_tools=False, models=("local-model",)):
         self.replies, self.requests, self.tools, self.reject_tools, self.models = [], [], tools, reject_tools, models
-        self.model_lists = 0
+        self.model_lists, self.lock = 0, threading.Lock()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,21 +69,24 @@ class FakeOpenAI:
                 problem = fake.check(body)
                 if problem:  # refused before any reply is used
                     return self.send(400, {"error": {"message": problem, "type": "invalid_request_error"}})
-                with threading.Lock():
+                with fake.lock:
                     reply = fake.replies.pop(0) if fake.replies else error(400, "fake server: no scripted reply left")
                 if callable(reply):
                     reply = reply(body)
                 if "status" in reply:
-                    return self.send(reply["status"], {"error": {"message": reply["message"], "type": "error"}})
+                    return self.send(reply["status"], {"error": {"message": reply["message"], "type": "error",
+                                                                 **({"code": reply["code"]} if "code" in reply else {})}})
                 n = len(fake.requests)
                 message = {"role": "assistant", "content": reply.get("text")}
-                if "tool" in reply or "raw_arguments" in reply:
-                    arguments = reply.get("raw_arguments") or json.dumps(reply["tool"])
-                    message["tool_calls"] = [{"id": f"call_{n}", "type": "function",
-                                              "function": {"name": "edit_train_py", "arguments": arguments}}]
+                if "tool" in reply or "raw_arguments" in reply or "calls" in reply:
+                    calls = reply.get("calls") or [reply.get("tool")]
+                    arguments = [reply["raw_arguments"]] if "raw_arguments" in reply else [json.dumps(c) for c in calls]
+                    message["tool_calls"] = [{"id": f"call_{n}_{k}", "type": "function",
+                                              "function": {"name": "edit_train_py", "arguments": a}}
+                                             for k, a in enumerate(arguments)]
                 self.send(200, {"id": f"chatcmpl-{n}", "object": "chat.completion", "created": 0,
                                 "model": body["model"], "choices": [{"index": 0, "message": message,
-                                                                     "finish_reason": "stop"}],
+                                                                     "finish_reason": reply.get("finish_reason", "stop")}],
                                 "usage": {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200,
                                           "prompt_tokens_details": {"cached_tokens": 300}}})
 
@@ -96,10 +108,16 @@ class FakeOpenAI:
             return "this model does not support tools"
         messages = body["messages"]
         for i, m in enumerate(messages):
-            if m["role"] == "tool":
-                calls = messages[i - 1].get("tool_calls") or []
-                if messages[i - 1]["role"] != "assistant" or m.get("tool_call_id") not in [c["id"] for c in calls]:
-                    return "a tool message must answer the previous assistant turn's tool call"
+            if m["role"] == "assistant" and m.get("tool_calls"):  # every call answered, right after it
+                answers = []
+                for follower in messages[i + 1:]:
+                    if follower["role"] != "tool":
+                        break
+                    answers.append(follower.get("tool_call_id"))
+                if sorted(answers) != sorted(c["id"] for c in m["tool_calls"]):
+                    return "tool_call_ids did not have response messages"
+            if m["role"] == "tool" and messages[i - 1]["role"] not in ("assistant", "tool"):
+                return "a tool message must follow the assistant turn with its tool call"
         return ""
 
     def close(self):

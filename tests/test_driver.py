@@ -122,11 +122,10 @@ def test_invalid_edits_are_reasked_without_any_training(repo, fake, capsys):
 
 
 def test_transient_api_errors_are_retried(repo, fake, monkeypatch, capsys):
-    monkeypatch.setattr(llm, "LLM_TIMEOUT_S", 0.5)
     good = edit("good", (BASE_LINE, "TRUE_BPB = 0.990000"))
     fake.replies += [error(429, "rate_limit_error"), error(529, "overloaded_error", "Overloaded"),
                      error(500), error(503), drop(), slow(1.5, good), good]
-    assert run("--max-experiments", "1", "--greedy") == 0
+    assert run("--max-experiments", "1", "--greedy", "--llm-timeout", "0.5") == 0
     assert [x["status"] for x in rows(repo)] == ["keep", "keep"]
     assert len(fake.requests) == 7
     retries = [line for line in capsys.readouterr().out.splitlines() if "LLM API:" in line]

@@ -10,7 +10,7 @@ import pytest
 
 from driver_helpers import BASE_LINE, DRIVER_ARGS, MODE_LINE, fake, git, journal, repo, rows  # noqa: F401
 from fake_anthropic import edit
-from fake_openai import FakeOpenAI, bad_arguments, error, text_edit, tool_edit
+from fake_openai import FakeOpenAI, bad_arguments, cut_at_length, error, text_edit, tool_edit, two_calls
 from autoresearch import cli, llm, notebook
 
 ORDER_LINE = "DATA_ORDER = 0"
@@ -169,3 +169,135 @@ def test_price_flag_and_provider_selection():
         llm.parse_price("free")
     assert llm.cost({"input": 1_000_000, "output": 1_000_000}, llm.parse_price("0.5,1.5")) == pytest.approx(2.0)
     assert llm.cost({"input": 10}, None) is None
+    assert llm.parse_price("3,15,3.75,0.3") == (3.0, 15.0, 3.75, 0.3)
+    assert llm.make_provider("anthropic", "openai:gpt-test", "http://127.0.0.1:9/v1").name == "openai"
+
+
+# ---------------------------------------------------------------------------
+# What an independent review found (each test fails without its fix)
+# ---------------------------------------------------------------------------
+
+def test_every_parallel_tool_call_is_answered(repo, server, fake):
+    """A reply with two calls (the first one's edit does not apply): both are answered, as both
+    APIs require, and the model's second try is taken."""
+    openai_server = server()
+    bad, good = tool_edit("typo", ("TRUE_BPB = 7\n", "x")), tool_edit("lower", (BASE_LINE, "TRUE_BPB = 0.990000"))
+    openai_server.replies += [two_calls(bad, good), good]
+    assert run_openai(openai_server, "--max-experiments", "1", "--greedy") == 0
+    assert [x["description"] for x in rows(repo)] == ["baseline", "lower"]
+    answers = [m for m in openai_server.requests[-1]["messages"] if m["role"] == "tool"]
+    assert len(answers) == 2 and "was not found" in answers[0]["content"] and "one call per reply" in answers[1]["content"]
+
+
+def test_every_parallel_tool_use_is_answered_with_anthropic(repo, fake):
+    fake.replies += [{"calls": [edit("typo", ("TRUE_BPB = 7\n", "x")), edit("lower", (BASE_LINE, "TRUE_BPB = 0.99"))]},
+                     edit("lower", (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    assert cli.main(["--tag", "t", *DRIVER_ARGS, "--max-experiments", "1", "--greedy"]) == 0
+    results = fake.requests[-1]["messages"][-1]["content"]
+    assert [r["type"] for r in results] == ["tool_result", "tool_result"]
+
+
+def test_a_refusal_of_tools_seen_by_two_threads_at_once_ends_nothing(server):
+    """Two requests carry tools when the server refuses them: both are asked again without, neither
+    ends the night (the flag is the request's own, not the provider's, which a thread may flip)."""
+    import threading
+    openai_server = server(reject_tools=True)
+    openai_server.replies += [text_edit("a", ("x", "y")), text_edit("b", ("x", "y"))]
+    provider = llm.make_provider("openai", "local-model", openai_server.url)
+    barrier, results = threading.Barrier(2), []
+
+    def ask():
+        barrier.wait()
+        results.append(llm.ask(provider, [("rules", False)], [("train.py", False)], []).call["description"])
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    llm.LLM_BACKOFF_S, backoff = 0.01, llm.LLM_BACKOFF_S
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        llm.LLM_BACKOFF_S = backoff
+    assert sorted(results) == ["a", "b"]
+
+
+def test_a_reply_cut_at_the_length_limit_is_not_applied(repo, server):
+    openai_server = server()
+    openai_server.replies += [cut_at_length(tool_edit("half", (BASE_LINE, "TRUE_BPB = 0.5"))),
+                              tool_edit("whole", (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    assert run_openai(openai_server, "--max-experiments", "1", "--greedy") == 0
+    assert [x["description"] for x in rows(repo)] == ["baseline", "whole"]
+    assert "cut off at the length limit" in json.dumps(openai_server.requests[-1]["messages"][-1])
+
+
+def test_an_exhausted_quota_stops_at_once(repo, server):
+    openai_server = server(models=[])
+    openai_server.replies += [{"status": 429, "message": "You exceeded your current quota"}]
+    openai_server.replies[0]["code"] = "insufficient_quota"
+    with pytest.raises(SystemExit, match="refused the request \\(429\\)"):
+        run_openai(openai_server, "--max-experiments", "0", "--greedy")
+
+
+@pytest.mark.parametrize("reply", [
+    "Sure!\r\n**DESCRIPTION:** lower bpb\r\n<<<<<<< SEARCH \r\nTRUE_BPB = 1.000000\r\n=======\r\nTRUE_BPB = 0.99\r\n>>>>>>> REPLACE \r\n",
+    "<think>\n<<<<<<< SEARCH\nnot in the file\n=======\nx\n>>>>>>> REPLACE\n</think>\nDescription: lower bpb\n"
+    "```\n<<<<<<< SEARCH\nTRUE_BPB = 1.000000\n=======\nTRUE_BPB = 0.99\n>>>>>>> REPLACE\n```\n"])
+def test_the_text_format_from_realistic_replies(reply):
+    from autoresearch.edits import apply_edits, parse_text_reply
+    call = parse_text_reply(reply)
+    assert call["description"] == "lower bpb" and len(call["edits"]) == 1
+    new, error = apply_edits("TRUE_BPB = 1.000000\nMODE = 'ok'\n", call["edits"], frozenset())
+    assert error == "" and new == "TRUE_BPB = 0.99\nMODE = 'ok'\n"
+    assert parse_text_reply(reply.split(">>>>>>> REPLACE")[0]) is None  # cut before its end: not applied
+
+
+def test_condensing_keeps_what_was_added_while_the_model_wrote(repo, fake, monkeypatch):
+    monkeypatch.setattr(notebook, "NOTES_MAX_CHARS", 400)
+
+    def condense_while_the_human_writes(request):
+        with open(repo / "runs/t/notes.md", "a") as f:
+            f.write("- (the human) try a longer warm-down\n")
+        return {"text": "```markdown\n# Research notebook\n\n## data\n- orders 3, 4: noise.\n```"}
+    fake.replies += [edit(f"order {k}", (ORDER_LINE, f"DATA_ORDER = {k}"), hypothesis="x" * 150, theme="data")
+                     for k in (3, 4)] + [condense_while_the_human_writes,
+                                         edit("order 5", (ORDER_LINE, "DATA_ORDER = 5"), theme="data", hypothesis="h")]
+    assert cli.main(["--tag", "t", *DRIVER_ARGS, "--max-experiments", "3", "--greedy"]) == 0
+    notes = (repo / "runs/t/notes.md").read_text()
+    assert notes.startswith("# Research notebook\n\n## data\n- orders 3, 4: noise.") and "```" not in notes
+    assert "- (the human) try a longer warm-down" in notes and "#3 discard" in notes
+
+
+def test_a_kill_after_the_notebook_line_adds_it_once(repo, fake, monkeypatch):
+    fake.replies += [edit("reorder", (ORDER_LINE, "DATA_ORDER = 3"), hypothesis="h", theme="data")]
+    original = notebook.add_entry
+
+    class Killed(BaseException):
+        pass
+
+    def dies_after(*args):
+        original(*args)
+        raise Killed
+    with monkeypatch.context() as patch:
+        patch.setattr(notebook, "add_entry", dies_after)
+        with pytest.raises(Killed):
+            cli.main(["--tag", "t", *DRIVER_ARGS, "--max-experiments", "1", "--greedy"])
+    assert cli.main(["--tag", "t", *DRIVER_ARGS, "--max-experiments", "1", "--greedy"]) == 0
+    assert (repo / "runs/t/notes.md").read_text().count("- #1 ") == 1
+
+
+def test_lessons_numbered_as_text_still_reach_the_notebook(repo, fake):
+    fake.replies += [edit("reorder", (ORDER_LINE, "DATA_ORDER = 3"), hypothesis="h", theme="data"),
+                     {**edit("lower", (BASE_LINE, "TRUE_BPB = 0.990000"), hypothesis="h", theme="optimizer"),
+                      "lessons": [{"experiment": "#1", "lesson": "order is noise"}]}]
+    assert cli.main(["--tag", "t", *DRIVER_ARGS, "--max-experiments", "2", "--greedy"]) == 0
+    assert "Lesson: order is noise" in (repo / "runs/t/notes.md").read_text()
+
+
+def test_odd_tool_calls_become_messages_for_the_model_not_crashes():
+    from types import SimpleNamespace as Call
+    from autoresearch.openai_api import read_call
+    assert read_call(Call(function=Call(arguments={"description": "d", "edits": []}))) == (
+        {"description": "d", "edits": []}, "")  # an object, not a string: taken as it is
+    assert read_call(Call(function=None)) == (None, "your tool call names no function; call edit_train_py")
+    assert "not valid JSON" in read_call(Call(function=Call(arguments="{cut")))[1]
+    assert "must be a JSON object" in read_call(Call(function=Call(arguments="[1]")))[1]

@@ -40,7 +40,8 @@ def measured(runs):
 
 def next_step(ctx, night, p):
     """("run", role, seed), ("fix", failed run), ("record", status, note) or ("wait",). A keep on a
-    parent that is no longer the best re-bases the experiment (see stale_keep)."""
+    parent that is no longer the best, or a gain on it still to confirm, re-bases the experiment
+    (see stale_keep)."""
     if p.final:
         return ("record", p.final.status, p.final.note)
     if running(ctx, p) and p.kind != "baseline":
@@ -63,14 +64,14 @@ def next_step(ctx, night, p):
     no_repeat = "a repeat crashed" if any(r.val_bpb is None for r in repeats) else \
         "" if decisions.budget_allows(night.run_counts) else "noise budget spent"
     action, note = decisions.decide(vals, night.groups.get(p.parent, []), night.sigma, ctx.greedy, no_repeat)
+    if action in ("keep", "repeat", "repeat_best") and p.parent != night.best.commit:
+        return stale_keep(ctx, night, p)
     if action == "repeat":
         return ("run", "candidate", next_seed(night))
     if action == "repeat_best":
         return ("run", "best", next_seed(night))
     if note and len(vals) > 1 and len(set(vals)) == 1:
         return ("record", "discard", "refused: identical val_bpb on different seeds (train.py ignores AUTORESEARCH_SEED)")
-    if action == "keep" and p.parent != night.best.commit:
-        return stale_keep(ctx, night, p)
     return ("record", action, note)
 
 
@@ -80,11 +81,13 @@ def next_seed(night):
 
 
 def stale_keep(ctx, night, p):
-    """It beats its parent, but the parent is no longer the best: never kept on a stale base. Its
-    edits go on the new best and it runs again as the same experiment."""
+    """It beats its parent (or is ahead of it, to be confirmed), but the parent is no longer the
+    best: never kept on a stale base. Its edits go on the new best and it runs again as the same
+    experiment (a gain to confirm is confirmed there: repeats on the stale base would be spent on
+    code that can no longer be kept)."""
     source = proposals.reapply(records.train_py_at(ctx.repo, night.best.commit), p.edits)
     if source is None:
-        return ("record", "discard", "beat its parent, but its edits do not apply to the new best")
+        return ("record", "discard", "ahead of its parent, but its edits do not apply to the new best")
     keep_discarded(ctx, f"{p.n:04d}-{p.attempt + 1}", p.commit)  # the stale attempt stays readable
     conversation = conversation_path(p, p.attempt)
     p.rebased_attempts.append(p.attempt)
@@ -128,7 +131,7 @@ def experiment_rows(ctx, night, p, status, note):
             if i > 1:
                 text = f"repeat {i}/{decisions.CONFIRM_RUNS} (seed {r.seed}): {text}"
             elif r.attempt in p.rebased_attempts and not failed:
-                text += " [beat its parent, which was no longer the best: re-run on the new best]"
+                text += " [ahead of its parent, which was no longer the best: re-run on the new best]"
             elif note and not failed and r.attempt == p.attempt:
                 text += f" [{note}]"
             row_status = status if r.attempt == p.attempt or failed else "discard"

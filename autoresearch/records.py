@@ -67,7 +67,7 @@ class Experiment:
     parent: str | None = None          # the best when it was proposed: the code it is judged against
     parent_description: str = ""
     edits: list = field(default_factory=list)  # every edit list applied to the parent, in order (to re-apply)
-    rebased_attempts: list[int] = field(default_factory=list)  # attempts that beat a parent no longer the best
+    rebased_attempts: list[int] = field(default_factory=list)  # attempts ahead of a parent no longer the best
     hypothesis: str = ""               # the model's one line: why it should help
     theme: str = ""                    # the kind of change (the notebook's section)
 

@@ -101,9 +101,27 @@ def test_a_win_on_a_stale_base_is_re_run_on_the_new_best(repo, fake):
         ("baseline", "1.000000", "keep"), ("fast", "0.980000", "keep"),
         ("slow", "0.995000", "discard"),  # beat the baseline, its parent; never kept on it
         ("slow", "0.975000", "keep")]     # the same edits on "fast": kept
-    assert "beat its parent, which was no longer the best: re-run on the new best" in r[2]["description"]
+    assert "ahead of its parent, which was no longer the best: re-run on the new best" in r[2]["description"]
     assert r[2]["commit"] != r[3]["commit"] and branch_log(repo)[:2] == ["slow", "fast"]
     assert journal(repo)["in_flight"] == [] and journal(repo)["best"]["description"] == "slow"
+
+
+def test_a_gain_to_confirm_on_a_stale_base_is_confirmed_on_the_new_best(noisy, fake):
+    """Noise-aware: "slow" is ahead of the baseline by less than the one-run margin, but the
+    baseline is no longer the best when it ends. Its repeats would be spent on code that can
+    never be kept: it goes to the new best after its one run, and is confirmed there."""
+    slow_baseline(noisy, "0.5")
+    fake.replies += [edit("fast", (BASE_LINE, "TRUE_BPB = 0.980000")),
+                     edit("slow", ("BONUS = 0.0", "BONUS = 0.002"), ("SLEEP_S = 0.5", "SLEEP_S = 3.0"))]
+    assert run("--max-experiments", "2", "--gpus", "0,1", "--noise-runs", "3") == 0
+    r = rows(noisy)
+    slow = [x for x in r if x["description"].split(" [")[0].endswith("slow")]
+    stale = [x for x in slow if x["status"] == "discard"]
+    assert len(stale) == 1 and "ahead of its parent, which was no longer the best" in stale[0]["description"]
+    assert float(stale[0]["val_bpb"]) > min(float(x["val_bpb"]) for x in r[:3]) - 0.002  # (no clear win)
+    on_best = [x for x in slow if x["commit"] != stale[0]["commit"]]
+    assert on_best and all(x["status"] == "keep" for x in on_best) and len(on_best) > 1  # confirmed there
+    assert branch_log(noisy)[:2] == ["slow", "fast"]
 
 
 def test_a_failed_baseline_with_an_idea_already_proposed_resumes_from_the_fix(repo, fake):

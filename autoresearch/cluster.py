@@ -40,7 +40,7 @@ class RayRunner:
         except ray.exceptions.RayError as error:
             Path(log_path).write_text(f"{type(error).__name__}: {error}\n")
             return training.RunResult(None, 0.0, time.time() - start,
-                                      f"the Ray task failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+                                      f"the Ray task failed: {type(error).__name__}: {first_line(error)}")
         finally:
             self.in_flight.discard(ref)
         Path(log_path).write_text(log_text)
@@ -51,10 +51,16 @@ class RayRunner:
         return result
 
     def cancel_all(self):
-        """End the tasks still running (the driver stops): Ray kills their workers."""
+        """End the tasks still running (the driver stops): Ray kills their workers, and the kernel
+        their training (run_training's die_with_parent)."""
         import ray
         for ref in list(self.in_flight):
             ray.cancel(ref, force=True)
+
+
+def first_line(error):
+    """An error's first line, shortened (a cancelled task's error has no text)."""
+    return (str(error).splitlines() or ["(no message)"])[0][:200]
 
 
 def connect(address, project):
@@ -92,7 +98,7 @@ def train_on_node(source, project, seed, timeout_s, settings, env, pass_env, san
             box = sandbox.choose("on", sandboxed_network, work)  # refuses, with the reason, where it cannot
         result = training.run_training(work, work / "train.log", seed, timeout_s, settings, work / "train.pid",
                                        pass_env, box, env.get("AUTORESEARCH_CACHE") or cli.load_prepare(work).CACHE_DIR,
-                                       extra_env=env)
+                                       extra_env=env, die_with_parent=True)
         return result, (work / "train.log").read_text(errors="replace"), hashes, socket.gethostname()
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -25,6 +25,13 @@ PASS_ENV_NAMES = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "LAN
                   "CC", "CXX", "CPATH", "LIBRARY_PATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH"}  # compilers: Triton
 PASS_ENV_PREFIXES = ("AUTORESEARCH_", "LC_", "CUDA_", "NVIDIA_", "TORCH", "PYTORCH_", "TRITON_", "OMP_",
                      "MKL_", "NCCL_", "CUDNN_", "CUBLAS_", "CONDA_")
+# Execs argv[2:] once the kernel is asked to SIGKILL it when its parent (pid argv[1]) dies
+# (PR_SET_PDEATHSIG = 1, SIGKILL = 9): a Ray task's training must not outlive the worker that
+# Ray kills to cancel it, or it holds the node's GPU. (bubblewrap's --die-with-parent does this
+# in the sandbox.)
+DIE_WITH_PARENT = ("import ctypes, os, sys; ctypes.CDLL(None, use_errno=True).prctl(1, 9); "
+                   "os.getppid() == int(sys.argv[1]) or os._exit(137); "
+                   "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
 
 
 @dataclass
@@ -130,11 +137,13 @@ def summary_failure(log_text, returncode, settings, seed):
 
 
 def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(), sandbox=None, cache_dir=None,
-                 extra_env=None, readable=()):
+                 extra_env=None, readable=(), die_with_parent=False):
     """Run `python train.py` in `repo` (a slot's worktree) time-boxed, with `extra_env` (e.g. the
     slot's CUDA_VISIBLE_DEVICES), in the sandbox when there is one (`readable` read-only, e.g. the
     user's checkout that holds the worktree's git data; writable: only the run's own directory,
-    $AUTORESEARCH_RUN_DIR beside its log, and the compile cache), and judge its summary."""
+    $AUTORESEARCH_RUN_DIR beside its log, and the compile cache), and judge its summary. With
+    die_with_parent it is killed when this process dies (a Ray worker: no driver cleans up after
+    it on its node)."""
     start = time.time()
     files = Path(log_path).with_name(Path(log_path).stem + "-files")  # the run's own directory, for what it writes
     files.mkdir(parents=True, exist_ok=True)
@@ -144,6 +153,8 @@ def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(
         (compile_cache / "triton-home").mkdir(parents=True, exist_ok=True)
         extra.update(AUTORESEARCH_CACHE=str(cache_dir), TRITON_CACHE_DIR=str(compile_cache / "triton-home"))
         argv = sandbox.wrap(argv, repo, readable=[cache_dir, *readable], writable=[files, compile_cache])
+    elif die_with_parent:
+        argv = [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), "train.py"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, cwd=repo, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=training_env(seed, pass_env, extra), start_new_session=True)

@@ -6,10 +6,12 @@ Run: python -m pytest tests/test_cluster.py"""
 
 import os
 import shutil
+import threading
+import time
 
 import pytest
 
-from driver_helpers import BASE_LINE, STANDIN_ENV, branch_log, fake, git, journal, repo, rows  # noqa: F401
+from driver_helpers import BASE_LINE, STANDIN_ENV, branch_log, fake, git, journal, pid_gone, repo, rows  # noqa: F401
 from fake_anthropic import edit
 from autoresearch import cli, cluster, training
 
@@ -24,8 +26,13 @@ needs_ray = pytest.mark.skipif(ray is None and not os.environ.get("AUTORESEARCH_
 @pytest.fixture(scope="module")
 def ray_instance():
     """A real Ray instance on this machine with two GPUs declared (none are needed: the stand-in
-    train.py does not use them)."""
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    train.py does not use them). Ray's own clean-up of a killed worker's children is off (older
+    Ray has none, and a cluster may turn it off): the driver must not rely on it."""
+    os.environ["RAY_kill_child_processes_on_worker_exit"] = "0"  # read by the processes ray.init starts
+    try:
+        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    finally:
+        del os.environ["RAY_kill_child_processes_on_worker_exit"]
     yield
     ray.shutdown()
 
@@ -61,3 +68,31 @@ def test_a_node_with_another_prepare_py_is_refused(repo, fake, ray_instance, tmp
     assert "metric hashes differ" in result.failure and "val_bpb:" in (tmp_path / "train.log").read_text()
     same = cluster.RayRunner(str(repo), 2).run(source, Ctx(), night, 42, tmp_path / "train-2.log")
     assert same == training.RunResult(1.0, 2048.0, same.seconds, "")
+
+
+@needs_ray
+def test_a_cancelled_task_leaves_no_training_on_its_node(repo, fake, ray_instance, tmp_path):
+    """The driver stops with a run in flight: Ray kills the task's worker, and the kernel the
+    training that worker started (else it would go on holding the node's GPU, unseen by Ray)."""
+    assert cli.main(["--tag", "t", "--allow-cpu", "--sandbox", "off", "--max-experiments", "0", "--greedy"]) == 0
+    night = cli.records.load_night(repo / "runs/t/journal.json", repo / "results.tsv")
+    pid_file = tmp_path / "training.pid"
+    source = git(repo, "show", "HEAD:train.py").replace(
+        "SLEEP_S = 0.0", f"SLEEP_S = 120.0\nPath({str(pid_file)!r}).write_text(str(os.getpid()))")
+
+    class Ctx:  # what RayRunner.run reads of the loop's context
+        timeout_s, pass_env, sandbox = 300.0, (), None
+    runner, results = cluster.RayRunner(str(repo), 2), []
+    thread = threading.Thread(target=lambda: results.append(runner.run(source, Ctx(), night, 42, tmp_path / "l")))
+    thread.start()
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    assert not pid_gone(pid)  # training on the "node"
+    runner.cancel_all()
+    thread.join(60)
+    assert results and results[0].val_bpb is None and "the Ray task failed" in results[0].failure
+    while not pid_gone(pid) and time.time() < deadline + 30:
+        time.sleep(0.1)
+    assert pid_gone(pid)

@@ -62,6 +62,7 @@ class FakeAnthropic:
     def __init__(self):
         self.replies, self.requests = [], []
         self.model_replies, self.model_checks = [], []
+        self.lock = threading.Lock()  # requests arrive on several threads (the pipeline asks ahead)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -82,7 +83,7 @@ class FakeAnthropic:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                with threading.Lock():
+                with fake.lock:
                     fake.requests.append(body)
                     reply = fake.replies.pop(0) if fake.replies else \
                         error(400, "invalid_request_error", "fake server: no scripted reply left")

@@ -669,7 +669,6 @@ def make_dataloader(tokenizer, B, T, split):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate_bpb(model, tokenizer, batch_size):
     """Bits per byte on the first EVAL_TOKENS // MAX_SEQ_LEN val rows, whatever batch_size is.
 

@@ -8,7 +8,6 @@ Usage: python driver.py [--tag nov22] [--max-experiments N] [--deadline 07:30] [
 import argparse
 import datetime
 import importlib.util
-import json
 import os
 import re
 import signal
@@ -311,7 +310,7 @@ def recover_night(repo, tag, branch, settings, hashes, run_dir, error):
                          f"`python driver.py --tag {tag}-2`")
     identity = run_dir / "run.json"  # the settings and metric the run started with, kept apart
     if identity.exists():
-        started = json.loads(identity.read_text())
+        started = records.load_json(identity)
         settings, hashes = started["settings"], started["metric_hashes"]
     night = records.rebuild_night(repo, tag, branch, settings, hashes, lines, run_dir, experiment.BASE_SEED,
                                   run_s=settings["time_budget"])

@@ -51,10 +51,15 @@ LESSON #<n>: <one line for each finished experiment you are asked about>
 BLOCK_RE = re.compile(r"^<<<<<<< SEARCH[ \t]*\n(.*?)^=======[ \t]*\n(.*?)^>>>>>>> REPLACE[ \t]*$", re.M | re.S)
 
 
+def without_thinking(text):
+    """A reply's text without the <think>...</think> blocks of a reasoning model."""
+    return re.sub(r"<think>.*?</think>", "", text, flags=re.S)
+
+
 def parse_text_reply(text):
     """The edit tool's arguments from a reply in TEXT_FORMAT, or None when it holds no edit block or an
     unclosed one. Tolerates CRLF, a thinking preamble, bold field names and spaces after a marker."""
-    text = re.sub(r"<think>.*?</think>", "", text.replace("\r\n", "\n"), flags=re.S)
+    text = without_thinking(text.replace("\r\n", "\n"))
     blocks = BLOCK_RE.findall(text)
     if not blocks or len(blocks) != len(re.findall(r"^<<<<<<< SEARCH", text, re.M)):
         return None

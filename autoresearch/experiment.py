@@ -215,10 +215,8 @@ def short_best(night):
 
 def throughput(ctx, night):
     """Experiments per hour and each slot's duty cycle (share of wall time inside train.py)."""
-    hours = max(night.wall_s, 1e-9) / 3600
-    duty = ", ".join(f"{s.name} {night.slot_seconds.get(s.name, 0.0) / max(night.wall_s, 1e-9):.0%}"
-                     for s in ctx.slots)
-    return f"{night.done / hours:.1f} exp/h, duty {duty}"
+    duty = ", ".join(f"{name} {share:.0%}" for name, share in night.duty_cycle([s.name for s in ctx.slots]).items())
+    return f"{night.experiments_per_hour:.1f} exp/h, duty {duty}"
 
 
 def status_line(ctx, night, p, final, best_before):

@@ -144,13 +144,13 @@ class AnthropicProvider:
 
     def request(self, system, user, tail, tool=True):
         from autoresearch.edits import EDIT_TOOL
-        blocks = [{"type": "text", "text": text, **({"cache_control": {"type": "ephemeral"}} if cache else {})}
-                  for text, cache in system]
-        first = {"role": "user", "content": [{"type": "text", "text": text, **(
-            {"cache_control": {"type": "ephemeral"}} if cache else {})} for text, cache in user]}
+        def blocks(parts):  # (text, cacheable) -> text blocks, a cache breakpoint on each cacheable one
+            return [{"type": "text", "text": text, **({"cache_control": {"type": "ephemeral"}} if cache else {})}
+                    for text, cache in parts]
+        first = {"role": "user", "content": blocks(user)}
         # No forced tool_choice: current models think by default and answer a forced tool with a 400;
         # the prompt asks for the tool, and a reply without it is asked again.
-        request = {"model": self.model, "max_tokens": LLM_MAX_TOKENS, "system": blocks, "messages": [first] + tail,
+        request = {"model": self.model, "max_tokens": LLM_MAX_TOKENS, "system": blocks(system), "messages": [first] + tail,
                    **({"tools": [EDIT_TOOL]} if tool else {})}
         try:
             reply = self.guard(lambda: self.client.messages.create(**request), is_message)
@@ -217,9 +217,6 @@ def valid(reply, is_valid):
 
 class NotFound(Exception):
     """A 404: an unknown model, or an endpoint the server does not have."""
-
-    def __init__(self, message):
-        super().__init__(message)
 
 
 def is_message(reply):

@@ -60,7 +60,7 @@ class Context:
 def run_night(ctx, night):
     """Experiments until a stop condition: the baseline first, then the LLM's ideas."""
     experiment.restore_best(ctx, night)  # after a kill: branch and train.py back to the best
-    slots.end_stale_runs(ctx.slots)
+    slots.end_runs(ctx.slots)
     events, asking, clock = queue.Queue(), {}, time.time()
     try:
         while True:
@@ -88,10 +88,7 @@ def run_night(ctx, night):
             else:
                 answered(ctx, night, asking.pop(key), value)
     finally:
-        for slot in ctx.slots:  # end what still trains (Ctrl-C, SIGTERM, an error): never an orphan on the GPU
-            training.kill_stale_training(slot.pid_file)
-            if slot.ray:
-                slot.ray.cancel_all()
+        slots.end_runs(ctx.slots)
 
 
 def stop_reason(ctx, night, asking=()):

@@ -8,7 +8,7 @@ NOTES_MAX_CHARS the model is asked to condense it (the longer version is kept as
 import re
 from pathlib import Path
 
-from autoresearch import records
+from autoresearch import edits, records
 
 NOTES_MAX_CHARS = 8000             # past this the model is asked to condense the notebook
 HEADER = "# Research notebook\n\nOne line per finished experiment, grouped by theme. Edit it freely.\n"
@@ -52,7 +52,7 @@ def add_lesson(path, n, lesson):
 def replace(path, condensed, snapshot, run_dir):
     """The model's condensed notebook in place of the long one (kept aside); lines added to the file
     since `snapshot` (the text the model condensed: new entries, the human's edits) are kept too."""
-    condensed = re.sub(r"<think>.*?</think>", "", condensed, flags=re.S).strip()
+    condensed = edits.without_thinking(condensed).strip()
     condensed = re.sub(r"^```\w*\n(.*)\n```$", r"\1", condensed, flags=re.S).strip()  # a fenced reply
     current = read(path)
     before = set(snapshot.splitlines())

@@ -5,7 +5,6 @@ The asking works on a snapshot (an Ask) and returns an Answer; only the loop, in
 thread, turns answers into experiments and adds their cost to the run's spend.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def propose(ctx, ask, on_reply):
         records.save_json(ask.exp_dir / "prompt.json", {"system": ask.system, "user": ask.user, "messages": ask.messages})
         reply = llm.ask(ctx.llm, ask.system, ask.user, ask.messages)
         replies_path = ask.exp_dir / "reply.json"
-        replies = json.loads(replies_path.read_text()) if replies_path.exists() else []
+        replies = records.load_json(replies_path) if replies_path.exists() else []
         records.save_json(replies_path, replies + [reply.raw])
         on_reply(reply.counts)
         ask.messages.append(reply.turn)
@@ -85,7 +84,7 @@ def one_line(text):
 def add_spend(ctx, night, exp_dir, counts):
     """Add one reply's tokens and cost to the run's total and to the experiment's usage.json."""
     path = Path(exp_dir) / "usage.json"
-    per_exp = json.loads(path.read_text()) if path.exists() else {"usd": 0.0}
+    per_exp = records.load_json(path) if path.exists() else {"usd": 0.0}
     usd = llm.cost(counts, ctx.llm.price)
     for spend in (night.spend, per_exp):
         for k, v in counts.items():

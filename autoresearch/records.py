@@ -108,6 +108,14 @@ class Night:
     condensed_chars: int = 0  # the notebook's length after the model last condensed it
 
     @property
+    def experiments_per_hour(self):
+        return self.done / (max(self.wall_s, 1e-9) / 3600)
+
+    def duty_cycle(self, slots):
+        """Each slot's share of the night's wall time spent inside train.py."""
+        return {name: self.slot_seconds.get(name, 0.0) / max(self.wall_s, 1e-9) for name in slots}
+
+    @property
     def best_vals(self):
         """val_bpb of every run of the best code: one list, stored once, in `groups`."""
         return self.groups.get(self.best.commit, [])

@@ -76,8 +76,8 @@ def summary(rows, night):
         s.update(sandbox=night.sandbox, gpu_hours=night.gpu_s["total"] / 3600, noise_gpu_hours=night.gpu_s["noise"] / 3600,
                  spend=night.spend, since_keep=night.since_keep, themes=night.themes, wall_hours=night.wall_s / 3600)
         if night.wall_s:
-            s["experiments_per_hour"] = night.done / (night.wall_s / 3600)
-            s["duty_cycle"] = {name: seconds / night.wall_s for name, seconds in sorted(night.slot_seconds.items())}
+            s["experiments_per_hour"] = night.experiments_per_hour
+            s["duty_cycle"] = night.duty_cycle(sorted(night.slot_seconds))
     return s
 
 

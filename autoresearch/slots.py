@@ -9,7 +9,6 @@ of the parent), so the user's checkout is never touched by a run.
 import os
 import shutil
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,6 @@ class Slot:
     gpu: str | None
     worktree: Path
     job: tuple | None = None             # (experiment number, role, seed, commit, log path) while a run is in flight
-    started: float = 0.0
     ray: object = field(default=None, repr=False)  # a RayRunner, past one box
 
     @property
@@ -89,7 +87,7 @@ def start(slot, ctx, night, job, events):
     """Start one training run on the slot; its result arrives in `events` as ("run", slot, result).
     job: (experiment number, role, seed, commit, log path)."""
     n, role, seed, commit, log_path = job
-    slot.job, slot.started = job, time.time()
+    slot.job = job
     if slot.ray:
         source = records.train_py_at(ctx.repo, commit)
         target = lambda: slot.ray.run(source, ctx, night, seed, log_path)  # noqa: E731
@@ -113,7 +111,11 @@ def in_thread(events, kind, key, target):
     threading.Thread(target=report, daemon=True).start()
 
 
-def end_stale_runs(slots):
-    """Training groups a killed driver left running: end them before anything else."""
+def end_runs(slots):
+    """End what the slots train: the groups a killed driver left running (at start), or those of
+    this driver when it stops (Ctrl-C, SIGTERM, an error), and the Ray tasks still in flight:
+    never an orphan on a GPU."""
     for slot in slots:
         training.kill_stale_training(slot.pid_file)
+        if slot.ray:
+            slot.ray.cancel_all()

@@ -75,6 +75,28 @@ def next_step(ctx, night, p):
     return ("record", action, note)
 
 
+def ahead_step(ctx, night, p):
+    """("run", role, seed): a further repeat of a confirmation under way (a run of it trains, the
+    rule asked for more) that a free slot may take before that run ends: the candidate's, up to
+    CONFIRM_RUNS runs, then its best's, up to one fewer: no more than the sequential course could
+    ask for. The decision waits for every run and is the rule's on all of them. None: nothing."""
+    pending = [s.job[1] for s in running(ctx, p)]
+    runs = attempt_runs(p)
+    if p.kind != "candidate" or p.final or not pending or p.parent != night.best.commit or not runs \
+            or any(r.val_bpb is None for r in runs):
+        return None
+    action, _ = decisions.decide(measured(runs), night.groups.get(p.parent, []), night.sigma, ctx.greedy)
+    training_now = sum(bool(s.job) for s in ctx.slots)  # (counted as repeats: the budget is never overrun)
+    counts = {"noise": night.run_counts["noise"] + training_now, "total": night.run_counts["total"] + training_now}
+    if action not in ("repeat", "repeat_best") or not decisions.budget_allows(counts):
+        return None
+    if len(runs) + pending.count("candidate") < decisions.CONFIRM_RUNS:
+        return ("run", "candidate", next_seed(night))
+    if len(night.groups.get(p.parent, [])) + pending.count("best") < decisions.CONFIRM_RUNS - 1:
+        return ("run", "best", next_seed(night))
+    return None
+
+
 def next_seed(night):
     """A seed no run has used (taken for good only once a run starts with it)."""
     return night.next_seed + 1

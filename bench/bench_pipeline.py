@@ -7,12 +7,13 @@ sequential mode (--pipeline off), the pipeline on 1 slot and on 4 slots: experim
 the GPU duty cycle (share of wall time each slot spent inside train.py), the driver's own time
 between two runs on a slot, and the false-keep rate. Needs no GPU. Prints figures; asserts nothing.
 
-Usage: python bench/bench_pipeline.py [--run-s 10] [--llm-s 2] [--experiments 16]
+Usage: python bench/bench_pipeline.py [--run-s 10] [--llm-s 2] [--experiments 24] [--seed 0]
 """
 
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import random
@@ -47,17 +48,20 @@ print(f"max_seq_len: {{prepare.MAX_SEQ_LEN}}\\ntime_budget: {{prepare.TIME_BUDGE
 
 def ideas(llm_s, seed=0):
     """The scripted LLM: after llm_s seconds, sets one knob still at 0 in the train.py it is shown to
-    a drawn true effect (half worse, a third neutral, the rest real gains of 0.5-3 sigma)."""
-    rng, truth = random.Random(seed), {}
+    a drawn true effect (half worse, a third neutral, the rest real gains of 0.5-3 sigma). The k-th
+    idea's effect is drawn from (seed, k) alone, so every mode is given the same ideas in the same
+    order, whatever it was shown."""
+    rng, truth, numbers = random.Random(seed), {}, itertools.count()
 
     def reply(request):
         time.sleep(llm_s)
+        i = next(numbers)  # (replies run on several threads at once: each takes its own number)
         shown = request["messages"][0]["content"][0]["text"]
         free = [int(k) for k in re.findall(r"^KNOB_(\d+) = 0\.0$", shown, re.M)]
         knob = rng.choice(free)
-        u = rng.random()
-        effect = NOISE_STD * (rng.uniform(0.5, 4) if u < 0.5 else 0.0 if u < 0.85 else -rng.uniform(0.5, 3))
-        name = f"idea {len(truth) + 1}: knob {knob}"
+        u, draw = random.Random(f"{seed}:{i}").random(), random.Random(f"{seed}:{i}:effect")
+        effect = NOISE_STD * (draw.uniform(0.5, 4) if u < 0.5 else 0.0 if u < 0.85 else -draw.uniform(0.5, 3))
+        name = f"idea {i + 1}: knob {knob}"
         truth[name] = effect
         return edit(name, (f"KNOB_{knob:02d} = 0.0", f"KNOB_{knob:02d} = {effect:.6f}"))
     return reply, truth
@@ -82,7 +86,7 @@ def night(mode, args):
                                                                 "commit", "-q", "-m", "stand-in"]):
         subprocess.run(["git", *command], cwd=repo, check=True)
     fake = FakeAnthropic()
-    reply, truth = ideas(args.llm_s)
+    reply, truth = ideas(args.llm_s, args.seed)
     fake.replies += [reply] * (args.experiments * 3)
     os.environ.update(ANTHROPIC_BASE_URL=fake.url, ANTHROPIC_API_KEY="bench", AUTORESEARCH_CACHE=str(cache),
                       AUTORESEARCH_TIME_BUDGET="300")
@@ -117,11 +121,13 @@ def main():
     parser.add_argument("--run-s", type=float, default=10.0, help="seconds a stand-in run trains (default 10)")
     parser.add_argument("--llm-s", type=float, default=2.0, help="seconds the fake LLM thinks (default 2)")
     parser.add_argument("--experiments", type=int, default=24, help="ideas per night after the baseline (default 24)")
+    parser.add_argument("--seed", type=int, default=0, help="which night of ideas (default 0)")
     parser.add_argument("--modes", default="sequential,pipeline-1,pipeline-4",
                         help="which nights, comma-separated (default: all three)")
     args = parser.parse_args()
     print(f"stand-in runs of {args.run_s:g} s, LLM replies after {args.llm_s:g} s, {args.experiments} ideas a night "
-          f"after the baseline (figures from the ideas' session only); noise-aware rule, sigma {NOISE_STD}")
+          f"after the baseline (figures from the ideas' session only), night {args.seed}; noise-aware rule, "
+          f"sigma {NOISE_STD}")
     print(f"{'mode':>12} {'slots':>5} {'exp':>4} {'runs':>5} {'wall s':>7} {'exp/h':>7} {'duty':>6} "
           f"{'gap s/run':>9} {'kept':>5} {'false keeps':>11}")
     results = {}

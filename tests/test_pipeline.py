@@ -124,6 +124,26 @@ def test_a_gain_to_confirm_on_a_stale_base_is_confirmed_on_the_new_best(noisy, f
     assert branch_log(noisy)[:2] == ["slow", "fast"]
 
 
+def test_a_confirmation_runs_its_repeats_side_by_side_on_slots_nothing_needs(noisy, fake, monkeypatch):
+    """Three slots, one idea, ahead of the baseline by less than the one-run margin. No other run
+    needs the slots, so its third run trains beside its second instead of after it, and the rule
+    decides on all three (one slot: one after the other, as the sequential driver)."""
+    slow_baseline(noisy, "1.0")
+    fake.replies += [edit("marginal", ("BONUS = 0.0", "BONUS = 0.0025"))]
+    started, start = [], slots.start
+
+    def record_start(slot, ctx, night, job, events):
+        started.append((job[:3], [s.job[:2] for s in ctx.slots if s.job]))
+        return start(slot, ctx, night, job, events)
+    monkeypatch.setattr(slots, "start", record_start)
+    assert run("--max-experiments", "1", "--gpus", "0,1,2", "--noise-runs", "3") == 0
+    idea = [(job, beside) for job, beside in started if job[0] == 1]
+    assert [job[1:] for job, _ in idea] == [("candidate", 42), ("candidate", 45), ("candidate", 46)]
+    assert (1, "candidate") in idea[2][1]  # the second still training when the third started
+    r = [x for x in rows(noisy) if "marginal" in x["description"]]
+    assert [x["status"] for x in r] == ["keep"] * 3 and "confirmed: mean 0.997462 over 3 seeds" in r[0]["description"]
+
+
 def test_a_failed_baseline_with_an_idea_already_proposed_resumes_from_the_fix(repo, fake):
     """The pipeline asks for an idea while the baseline trains; the baseline then crashes. The idea,
     proposed against broken code, is dropped; after the fix the baseline runs, then a new idea."""

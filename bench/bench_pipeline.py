@@ -3,9 +3,10 @@ The pipeline against the sequential driver: a simulated night per mode, side by 
 A fake LLM server answers after --llm-s seconds; a stand-in train.py "trains" for --run-s seconds
 (the real ratio of 300 s of training to ~60 s of thinking, scaled down) and scores 1.0 plus the
 true effects of the ideas in it plus seeded noise, so every keep can be judged. Prints, for the
-sequential mode (--pipeline off), the pipeline on 1 slot and on 4 slots: experiments per hour,
-the GPU duty cycle (share of wall time each slot spent inside train.py), the driver's own time
-between two runs on a slot, and the false-keep rate. Needs no GPU. Prints figures; asserts nothing.
+sequential mode (--pipeline off), the pipeline on 1 slot and on 4 slots: experiments per hour
+(over the whole night, and once under way: see steady_per_hour), the GPU duty cycle (share of
+wall time each slot spent inside train.py), the driver's own time between two runs on a slot,
+and the false-keep rate. Needs no GPU. Prints figures; asserts nothing.
 
 Usage: python bench/bench_pipeline.py [--run-s 10] [--llm-s 2] [--experiments 24] [--seed 0]
 """
@@ -19,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,6 +69,27 @@ def ideas(llm_s, seed=0):
     return reply, truth
 
 
+class Decisions(io.StringIO):
+    """The driver's output, noting when each experiment's status line (its decision) was written."""
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def write(self, text):
+        if " | best " in text:
+            self.times.append(time.time())
+        return super().write(text)
+
+
+def steady_per_hour(times):
+    """Experiments per hour once a night is under way: the slope of decisions against time over the
+    middle three quarters of them, leaving out the start and the night's last round of runs (which
+    fills only some of the slots: a few seconds in a short simulated night, nothing in one of hours)."""
+    lo, hi = len(times) // 8, len(times) - len(times) // 8
+    return statistics.linear_regression(times[lo:hi], range(lo, hi)).slope * 3600
+
+
 def night(mode, args):
     """One simulated night in a fresh repository; its figures."""
     work = Path(tempfile.mkdtemp(prefix=f"bench-pipeline-{mode}-"))
@@ -97,6 +120,7 @@ def night(mode, args):
         with contextlib.redirect_stdout(io.StringIO()):
             cli.main(["--tag", "b", "--allow-cpu", "--sandbox", "off", "--max-experiments", "0", *flags])
             before = json.loads((repo / "runs/b/journal.json").read_text())
+        with contextlib.redirect_stdout(decisions := Decisions()):
             cli.main(["--tag", "b", "--allow-cpu", "--sandbox", "off", "--max-experiments", str(args.experiments),
                       *flags])
     finally:
@@ -112,6 +136,7 @@ def night(mode, args):
     n_slots = flags[-1].count(",") + 1 if "--gpus" in flags else 1
     shutil.rmtree(work, ignore_errors=True)
     return {"experiments": done, "wall_s": wall, "per_hour": done / (wall / 3600), "duty": busy / n_slots / wall,
+            "steady_per_hour": steady_per_hour(decisions.times),
             "slots": n_slots, "runs": runs, "gap_s": (wall * n_slots - busy) / max(runs, 1), "kept": len(kept),
             "false_keeps": len(false_keeps)}
 
@@ -128,17 +153,19 @@ def main():
     print(f"stand-in runs of {args.run_s:g} s, LLM replies after {args.llm_s:g} s, {args.experiments} ideas a night "
           f"after the baseline (figures from the ideas' session only), night {args.seed}; noise-aware rule, "
           f"sigma {NOISE_STD}")
-    print(f"{'mode':>12} {'slots':>5} {'exp':>4} {'runs':>5} {'wall s':>7} {'exp/h':>7} {'duty':>6} "
+    print(f"{'mode':>12} {'slots':>5} {'exp':>4} {'runs':>5} {'wall s':>7} {'exp/h':>7} {'steady':>7} {'duty':>6} "
           f"{'gap s/run':>9} {'kept':>5} {'false keeps':>11}")
     results = {}
     for mode in args.modes.split(","):
         r = results[mode] = night(mode, args)
         print(f"{mode:>12} {r['slots']:>5} {r['experiments']:>4} {r['runs']:>5} {r['wall_s']:7.1f} {r['per_hour']:7.1f} "
+              f"{r['steady_per_hour']:7.1f} "
               f"{r['duty']:6.1%} {r['gap_s']:9.2f} {r['kept']:>5} {r['false_keeps']:>4} "
               f"({r['false_keeps'] / max(r['kept'], 1):.0%})", flush=True)
     if {"pipeline-1", "pipeline-4"} <= set(results):
         one, four = results["pipeline-1"], results["pipeline-4"]
-        print(f"\n4 slots vs 1: {four['per_hour'] / one['per_hour']:.2f}x the experiments per hour, "
+        print(f"\n4 slots vs 1: {four['per_hour'] / one['per_hour']:.2f}x the experiments per hour over the "
+              f"whole night, {four['steady_per_hour'] / one['steady_per_hour']:.2f}x once under way (steady), "
               f"{four['runs'] / four['wall_s'] / (one['runs'] / one['wall_s']):.2f}x the runs per hour; "
               f"1-slot pipeline duty {one['duty']:.1%}")
 

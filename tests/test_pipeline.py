@@ -144,6 +144,26 @@ def test_a_confirmation_runs_its_repeats_side_by_side_on_slots_nothing_needs(noi
     assert [x["status"] for x in r] == ["keep"] * 3 and "confirmed: mean 0.997462 over 3 seeds" in r[0]["description"]
 
 
+def test_no_repeat_runs_ahead_on_a_slot_an_idea_is_on_its_way_to(noisy, fake, monkeypatch):
+    """Two slots. The marginal idea's second run starts while the second idea is still being asked
+    for: the free slot is kept for that idea (no third run ahead on it), and the rule decides on
+    two runs, as one after the other."""
+    slow_baseline(noisy, "1.0")
+
+    def late_idea(request):  # answered once the first idea's second run has started
+        while not (noisy / "runs/t/0001/train-2.log").exists():
+            time.sleep(0.02)
+        return edit("late", ("DATA_ORDER = 0", "DATA_ORDER = 3"))
+    fake.replies += [edit("marginal", ("BONUS = 0.0", "BONUS = 0.0025")), late_idea]
+    started, start = [], slots.start
+    monkeypatch.setattr(slots, "start", lambda slot, ctx, night, job, events:
+                        started.append(job[:3]) or start(slot, ctx, night, job, events))
+    assert run("--max-experiments", "2", "--gpus", "0,1", "--noise-runs", "3") == 0
+    ideas = [job for job in started if job[0] > 0]
+    assert ideas == [(1, "candidate", 42), (1, "candidate", 45), (2, "candidate", 42)]
+    assert "confirmed: mean 0.997429 over 2 seeds" in rows(noisy)[3]["description"]
+
+
 def test_a_failed_baseline_with_an_idea_already_proposed_resumes_from_the_fix(repo, fake):
     """The pipeline asks for an idea while the baseline trains; the baseline then crashes. The idea,
     proposed against broken code, is dropped; after the fix the baseline runs, then a new idea."""

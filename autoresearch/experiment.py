@@ -3,6 +3,7 @@ and how it ends (its rows, the best, the noise floor, the branch). The loop asks
 every experiment in flight and carries out the answer.
 """
 
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -59,9 +60,10 @@ def next_step(ctx, night, p):
         if len(cand) + len(running(ctx, p)) < ctx.noise_runs:
             return ("run", "noise", next_seed(night))
         return ("wait",) if running(ctx, p) else ("record", "keep", "")
-    vals = measured(attempt_runs(p))
-    repeats = attempt_runs(p)[1:]
-    no_repeat = "a repeat crashed" if any(r.val_bpb is None for r in repeats) else \
+    runs = sorted(attempt_runs(p), key=lambda r: r.seed)  # (seeds are taken in the order runs start)
+    crashed = [i for i, r in enumerate(runs) if r.val_bpb is None]
+    vals = measured(runs[:crashed[0]] if crashed else runs)  # a crash ends the repeats, even those run ahead
+    no_repeat = "a repeat crashed" if crashed else \
         "" if decisions.budget_allows(night.run_counts) else "noise budget spent"
     action, note = decisions.decide(vals, night.groups.get(p.parent, []), night.sigma, ctx.greedy, no_repeat)
     if action in ("keep", "repeat", "repeat_best") and p.parent != night.best.commit:
@@ -86,7 +88,7 @@ def ahead_step(ctx, night, p):
             or any(r.val_bpb is None for r in runs):
         return None
     action, _ = decisions.decide(measured(runs), night.groups.get(p.parent, []), night.sigma, ctx.greedy)
-    training_now = sum(bool(s.job) for s in ctx.slots)  # (counted as repeats: the budget is never overrun)
+    training_now = sum(bool(s.job) for s in ctx.slots)  # (every run in flight counted as a repeat)
     counts = {"noise": night.run_counts["noise"] + training_now, "total": night.run_counts["total"] + training_now}
     if action not in ("repeat", "repeat_best") or not decisions.budget_allows(counts):
         return None
@@ -95,6 +97,14 @@ def ahead_step(ctx, night, p):
     if len(night.groups.get(p.parent, [])) + pending.count("best") < decisions.CONFIRM_RUNS - 1:
         return ("run", "best", next_seed(night))
     return None
+
+
+def free_log(p, training):
+    """train.log, train-2.log, ...: the first name that no recorded run of the experiment and no run
+    training now has (runs side by side end in any order, and a kill re-runs only some)."""
+    taken = {str(r.log) for r in p.runs} | {str(path) for path in training}
+    names = (Path(p.dir) / ("train.log" if k == 0 else f"train-{k + 1}.log") for k in itertools.count())
+    return next(path for path in names if str(path) not in taken)
 
 
 def next_seed(night):

@@ -282,8 +282,7 @@ def start_run(ctx, night, events, slot, p, role, seed):
                                           f"{message}\n\nautoresearch {ctx.tag} experiment {p.n}", p.commit_date)
         experiment.save(ctx, night)
     commit = p.parent if role == "best" else p.commit
-    k = len(p.runs) + len(experiment.running(ctx, p))
-    log_path = Path(p.dir) / ("train.log" if k == 0 else f"train-{k + 1}.log")
+    log_path = experiment.free_log(p, [s.job[4] for s in experiment.running(ctx, p)])
     if seed != experiment.BASE_SEED:
         night.next_seed = max(night.next_seed, seed)
     slots.start(slot, ctx, night, (p.n, role, seed, commit, log_path), events)

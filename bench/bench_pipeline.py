@@ -51,8 +51,8 @@ print(f"max_seq_len: {{prepare.MAX_SEQ_LEN}}\\ntime_budget: {{prepare.TIME_BUDGE
 def ideas(llm_s, seed=0):
     """The scripted LLM: after llm_s seconds, sets one knob still at 0 in the train.py it is shown to
     a drawn true effect (half worse, a third neutral, the rest real gains of 0.5-3 sigma). The k-th
-    idea's effect is drawn from (seed, k) alone, so every mode is given the same ideas in the same
-    order, whatever it was shown."""
+    idea's effect is drawn from (seed, k) alone, so every mode is given the same true effects in the
+    same order, whatever it was shown (the knob is drawn from those still free)."""
     rng, truth, numbers = random.Random(seed), {}, itertools.count()
 
     def reply(request):
@@ -87,6 +87,8 @@ def steady_per_hour(times):
     middle three quarters of them, leaving out the start and the night's last round of runs (which
     fills only some of the slots: a few seconds in a short simulated night, nothing in one of hours)."""
     lo, hi = len(times) // 8, len(times) - len(times) // 8
+    if hi - lo < 2:
+        return float("nan")  # (too short a night to tell)
     return statistics.linear_regression(times[lo:hi], range(lo, hi)).slope * 3600
 
 

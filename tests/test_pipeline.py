@@ -4,18 +4,18 @@ kill -9 with several runs in flight. The stand-in train.py sleeps SLEEP_S to "tr
 Run: python -m pytest tests/test_pipeline.py"""
 
 import json
-import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from driver_helpers import (BASE_LINE, MODE_LINE, STANDIN_ENV, branch_log, fake, git, journal, noisy, pid_gone,  # noqa: F401
                             repo, rows)
 import pytest
 
 from fake_anthropic import edit
-from autoresearch import cli, experiment, llm, slots, training
+from autoresearch import cli, experiment, llm, records, slots, training
 
 SLEEP_LINE = "SLEEP_S = 0.0"
 PIPELINE = ["--allow-cpu", "--sandbox", "off", *STANDIN_ENV]
@@ -144,14 +144,37 @@ def test_a_confirmation_runs_its_repeats_side_by_side_on_slots_nothing_needs(noi
     assert [x["status"] for x in r] == ["keep"] * 3 and "confirmed: mean 0.997462 over 3 seeds" in r[0]["description"]
 
 
+def test_a_repeat_that_crashes_ends_the_confirmation_even_with_a_repeat_run_ahead(noisy, fake):
+    """Three slots: the marginal idea's repeats (seeds 45 and 46) train side by side, and the one on
+    seed 45 crashes. As one after the other, the crash ends the confirmation: the run on seed 46,
+    started ahead of it, is recorded but not counted (it would have confirmed the idea)."""
+    slow_baseline(noisy, "1.0")
+    fake.replies += [edit("flaky", ("BONUS = 0.0", "BONUS = 0.0025"), (MODE_LINE, 'MODE = "flaky"'))]
+    assert run("--max-experiments", "1", "--gpus", "0,1,2", "--noise-runs", "3") == 0
+    r = [x for x in rows(noisy) if "flaky" in x["description"]]
+    assert sorted(x["status"] for x in r) == ["crash", "discard", "discard"]
+    assert "(a repeat crashed)" in r[0]["description"] and branch_log(noisy)[0] != "flaky"
+
+
+def test_runs_side_by_side_never_share_a_log():
+    """Logs are named by the first name free: runs that end out of order, or a kill that re-runs
+    only some of them, never overwrite a recorded run's log."""
+    p = records.Experiment(1, "candidate", "idea", "/x/0001", "/x/0001/candidate.py", "c", 0, parent="b",
+                           runs=[records.Run("candidate", 42, "c", 0, 0.99, 0.0, 1.0, "", "/x/0001/train.log"),
+                                 records.Run("candidate", 46, "c", 0, 0.98, 0.0, 1.0, "", "/x/0001/train-3.log")])
+    assert str(experiment.free_log(p, [])) == "/x/0001/train-2.log"
+    assert str(experiment.free_log(p, [Path("/x/0001/train-2.log")])) == "/x/0001/train-4.log"
+
+
 def test_no_repeat_runs_ahead_on_a_slot_an_idea_is_on_its_way_to(noisy, fake, monkeypatch):
     """Two slots. The marginal idea's second run starts while the second idea is still being asked
     for: the free slot is kept for that idea (no third run ahead on it), and the rule decides on
     two runs, as one after the other."""
     slow_baseline(noisy, "1.0")
 
-    def late_idea(request):  # answered once the marginal idea's second run has started
-        while not list(noisy.glob("runs/t/000[12]/train-2.log")):
+    def late_idea(request):  # answered once the marginal idea's second run has started (or after 60 s: fails)
+        deadline = time.time() + 60
+        while not list(noisy.glob("runs/t/000[12]/train-2.log")) and time.time() < deadline:
             time.sleep(0.02)
         return edit("late", ("DATA_ORDER = 0", "DATA_ORDER = 3"))
     fake.replies += [edit("marginal", ("BONUS = 0.0", "BONUS = 0.0025")), late_idea]

@@ -27,6 +27,8 @@ if os.environ.get("STANDIN_PID_FILE"):
     Path(os.environ["STANDIN_PID_FILE"]).write_text(str(os.getpid()))
 if MODE == "crash":
     raise RuntimeError("stand-in crash: CUDA out of memory")
+if MODE == "flaky" and seed == 45:  # one seed's run crashes, the others train
+    raise RuntimeError("stand-in crash on seed 45")
 if MODE == "nan":
     print("FAIL")
     sys.exit(1)

@@ -241,17 +241,12 @@ def answered(ctx, night, asked, answer):
 
 def start_runs(ctx, night, events):
     """Give each free slot a run; returns the slots that are training."""
-    for slot in ctx.slots:
-        if slot.job:
-            continue
-        for p in list(night.in_flight):
-            if deadline_near(ctx, night) and not p.runs:  # near the deadline: finish what was started, no more
-                continue
-            step = experiment.next_step(ctx, night, p)
-            if step[0] == "run":
-                start_run(ctx, night, events, slot, p, *step[1:])
-                break
-    return [s for s in ctx.slots if s.job]
+    def next_run(p):
+        if deadline_near(ctx, night) and not p.runs:  # near the deadline: finish what was started, no more
+            return None
+        step = experiment.next_step(ctx, night, p)
+        return step if step[0] == "run" else None
+    return fill(ctx, night, events, [s for s in ctx.slots if not s.job], next_run)
 
 
 def run_ahead(ctx, night, events, asking):
@@ -260,11 +255,16 @@ def run_ahead(ctx, night, events, asking):
     run, so the last ideas of a night are confirmed in one run's time, not three. Returns the slots
     that are training."""
     on_the_way = sum(request.kind in ("idea", "fix") for request, *_ in asking.values())
-    for slot in [s for s in ctx.slots if not s.job][on_the_way:]:
-        if deadline_near(ctx, night):
-            break
+    return fill(ctx, night, events, [s for s in ctx.slots if not s.job][on_the_way:],
+                lambda p: None if deadline_near(ctx, night) else experiment.ahead_step(ctx, night, p))
+
+
+def fill(ctx, night, events, free, step_for):
+    """Each slot in `free` starts the first run that step_for(experiment) offers, oldest experiment
+    first; returns the slots that are training."""
+    for slot in free:
         for p in list(night.in_flight):
-            step = experiment.ahead_step(ctx, night, p)
+            step = step_for(p)
             if step:
                 start_run(ctx, night, events, slot, p, *step[1:])
                 break

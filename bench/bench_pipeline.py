@@ -8,7 +8,10 @@ sequential mode (--pipeline off), the pipeline on 1 slot and on 4 slots: experim
 wall time each slot spent inside train.py), the driver's own time between two runs on a slot,
 and the false-keep rate. Needs no GPU. Prints figures; asserts nothing.
 
-Usage: python bench/bench_pipeline.py [--run-s 10] [--llm-s 2] [--experiments 24] [--seed 0]
+A night is --hours long, scaled as the runs are (8 hours of 300-s runs: 16 minutes of 10-s runs),
+the same for every mode, as a user's night is; or, with --experiments N, as long as N ideas take.
+
+Usage: python bench/bench_pipeline.py [--run-s 10] [--llm-s 2] [--hours 2 | --experiments N] [--seed 0]
 """
 
 import argparse
@@ -112,10 +115,12 @@ def night(mode, args):
         subprocess.run(["git", *command], cwd=repo, check=True)
     fake = FakeAnthropic()
     reply, truth = ideas(args.llm_s, args.seed)
-    fake.replies += [reply] * (args.experiments * 3)
+    fake.replies += [reply] * 100_000  # (a reply is only taken when asked for)
     os.environ.update(ANTHROPIC_BASE_URL=fake.url, ANTHROPIC_API_KEY="bench", AUTORESEARCH_CACHE=str(cache),
                       AUTORESEARCH_TIME_BUDGET="300")
     flags = {"sequential": ["--pipeline", "off"], "pipeline-1": [], "pipeline-4": ["--gpus", "0,1,2,3"]}[mode]
+    length = ["--max-experiments", str(args.experiments)] if args.experiments else \
+        ["--deadline", f"{args.hours * args.run_s / 300 * 60:.6f}m"]  # (hours of 300-s runs, scaled)
     cwd = os.getcwd()
     os.chdir(repo)
     try:  # the baseline first (its runs are not ideas), then the ideas: the figures are the second session's
@@ -123,8 +128,7 @@ def night(mode, args):
             cli.main(["--tag", "b", "--allow-cpu", "--sandbox", "off", "--max-experiments", "0", *flags])
             before = json.loads((repo / "runs/b/journal.json").read_text())
         with contextlib.redirect_stdout(decisions := Decisions()):
-            cli.main(["--tag", "b", "--allow-cpu", "--sandbox", "off", "--max-experiments", str(args.experiments),
-                      *flags])
+            cli.main(["--tag", "b", "--allow-cpu", "--sandbox", "off", *length, *flags])
     finally:
         os.chdir(cwd)
         fake.close()
@@ -147,14 +151,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--run-s", type=float, default=10.0, help="seconds a stand-in run trains (default 10)")
     parser.add_argument("--llm-s", type=float, default=2.0, help="seconds the fake LLM thinks (default 2)")
-    parser.add_argument("--experiments", type=int, default=24, help="ideas per night after the baseline (default 24)")
+    parser.add_argument("--hours", type=float, default=2.0,
+                        help="the night's length in hours of 300-s runs, scaled by --run-s (default 2: 4 minutes "
+                             "of 10-s runs); every mode gets the same")
+    parser.add_argument("--experiments", type=int, default=None,
+                        help="instead of --hours: a night of this many ideas after the baseline")
     parser.add_argument("--seed", type=int, default=0, help="which night of ideas (default 0)")
     parser.add_argument("--modes", default="sequential,pipeline-1,pipeline-4",
                         help="which nights, comma-separated (default: all three)")
     args = parser.parse_args()
-    print(f"stand-in runs of {args.run_s:g} s, LLM replies after {args.llm_s:g} s, {args.experiments} ideas a night "
-          f"after the baseline (figures from the ideas' session only), night {args.seed}; noise-aware rule, "
-          f"sigma {NOISE_STD}")
+    length = f"{args.experiments} ideas" if args.experiments else \
+        f"{args.hours:g} hours ({args.hours * args.run_s / 300 * 60:g} minutes at this scale)"
+    print(f"stand-in runs of {args.run_s:g} s, LLM replies after {args.llm_s:g} s, a night of {length} after the "
+          f"baseline (figures from the ideas' session only), night {args.seed}; noise-aware rule, sigma {NOISE_STD}")
     print(f"{'mode':>12} {'slots':>5} {'exp':>4} {'runs':>5} {'wall s':>7} {'exp/h':>7} {'steady':>7} {'duty':>6} "
           f"{'gap s/run':>9} {'kept':>5} {'false keeps':>11}")
     results = {}

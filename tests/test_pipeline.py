@@ -15,7 +15,7 @@ from driver_helpers import (BASE_LINE, MODE_LINE, STANDIN_ENV, branch_log, fake,
 import pytest
 
 from fake_anthropic import edit
-from autoresearch import cli, experiment, llm, records, slots, training
+from autoresearch import cli, experiment, llm, loop, records, slots, training
 
 SLEEP_LINE = "SLEEP_S = 0.0"
 PIPELINE = ["--allow-cpu", "--sandbox", "off", *STANDIN_ENV]
@@ -124,11 +124,16 @@ def test_a_gain_to_confirm_on_a_stale_base_is_confirmed_on_the_new_best(noisy, f
     assert branch_log(noisy)[:2] == ["slow", "fast"]
 
 
-def test_a_confirmation_runs_its_repeats_side_by_side_on_slots_nothing_needs(noisy, fake, monkeypatch):
+@pytest.mark.parametrize("near_deadline", [False, True])
+def test_a_confirmation_runs_its_repeats_side_by_side_on_slots_nothing_needs(noisy, fake, monkeypatch, near_deadline):
     """Three slots, one idea, ahead of the baseline by less than the one-run margin. No other run
     needs the slots, so its third run trains beside its second instead of after it, and the rule
-    decides on all three (one slot: one after the other, as the sequential driver)."""
+    decides on all three (one slot: one after the other, as the sequential driver). Also once the
+    deadline is near (from the idea's first result on): the night then ends a run sooner."""
     slow_baseline(noisy, "1.0")
+    if near_deadline:
+        monkeypatch.setattr(loop, "deadline_near", lambda ctx, night: any(
+            p.kind == "candidate" and p.runs for p in night.in_flight))
     fake.replies += [edit("marginal", ("BONUS = 0.0", "BONUS = 0.0025"))]
     started, start = [], slots.start
 

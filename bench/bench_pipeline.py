@@ -55,13 +55,17 @@ def ideas(llm_s, seed=0):
     """The scripted LLM: after llm_s seconds, sets one knob still at 0 in the train.py it is shown to
     a drawn true effect (half worse, a third neutral, the rest real gains of 0.5-3 sigma). The k-th
     idea's effect is drawn from (seed, k) alone, so every mode is given the same true effects in the
-    same order, whatever it was shown (the knob is drawn from those still free)."""
+    same order, whatever it was shown (the knob is drawn from those still free). A request to
+    condense the notebook (a long night) is answered with its headings and keeps."""
     rng, truth, numbers = random.Random(seed), {}, itertools.count()
 
     def reply(request):
         time.sleep(llm_s)
-        i = next(numbers)  # (replies run on several threads at once: each takes its own number)
         shown = request["messages"][0]["content"][0]["text"]
+        if "tools" not in request:  # the notebook grew too long: condensed to its headings and keeps
+            notes = shown.split("\n\n", 1)[1]
+            return {"text": "\n".join(line for line in notes.splitlines() if line.startswith("#") or " keep " in line)}
+        i = next(numbers)  # (replies run on several threads at once: each takes its own number)
         free = [int(k) for k in re.findall(r"^KNOB_(\d+) = 0\.0$", shown, re.M)]
         knob = rng.choice(free)
         u, draw = random.Random(f"{seed}:{i}").random(), random.Random(f"{seed}:{i}:effect")

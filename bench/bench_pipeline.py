@@ -37,15 +37,17 @@ from autoresearch import cli, records  # noqa: E402
 
 KNOBS = 40            # lines of the stand-in an idea may change, one each
 NOISE_STD = 0.001     # val_bpb's spread between seeds of the same code
-STANDIN = '''"""Stand-in train.py for bench_pipeline.py: sleeps, then scores 1.0 + the knobs + noise."""
-import os, random, time
+STANDIN = '''"""Stand-in train.py for bench_pipeline.py: sleeps, then scores 1.0 + the knobs + noise (drawn from
+the seed and this file: any change, a neutral one too, moves a run as a change of code does)."""
+import hashlib, os, random, time
 import prepare
 SLEEP_S = {run_s}
 {knobs}
 seed = int(os.environ["AUTORESEARCH_SEED"])
 time.sleep(SLEEP_S)
 effects = sum(v for k, v in globals().items() if k.startswith("KNOB_"))
-noise = {noise} * random.Random(f"{{seed}}:{{effects:.6f}}").gauss(0, 1)
+code = hashlib.sha256(open(__file__, "rb").read()).hexdigest()
+noise = {noise} * random.Random(f"{{seed}}:{{code}}").gauss(0, 1)
 print(f"---\\nval_bpb: {{1.0 + effects + noise:.6f}}\\npeak_vram_mb: 0.0\\nseed: {{seed}}")
 print(f"max_seq_len: {{prepare.MAX_SEQ_LEN}}\\ntime_budget: {{prepare.TIME_BUDGET}}\\neval_tokens: {{prepare.EVAL_TOKENS}}")
 '''

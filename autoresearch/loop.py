@@ -250,11 +250,12 @@ def start_runs(ctx, night, events):
 
 
 def run_ahead(ctx, night, events, asking):
-    """Slots that nothing needs now (no experiment's next run, no idea or fix on its way) run ahead
-    the further repeats a confirmation under way may still ask for, side by side with its pending
-    run, so the last ideas of a night are confirmed in one run's time, not three (also near the
-    deadline: the night then ends sooner). Returns the slots that are training."""
-    on_the_way = sum(request.kind in ("idea", "fix") for request, *_ in asking.values())
+    """Slots that nothing needs now (no experiment's next run, no idea or fix on its way: near the
+    deadline an idea would not start) run ahead the further repeats a confirmation under way may
+    still ask for, side by side with its pending run, so the last ideas of a night are confirmed
+    in one run's time, not three. Returns the slots that are training."""
+    starts = ("fix",) if deadline_near(ctx, night) else ("idea", "fix")
+    on_the_way = sum(request.kind in starts for request, *_ in asking.values())
     return fill(ctx, night, events, [s for s in ctx.slots if not s.job][on_the_way:],
                 lambda p: experiment.ahead_step(ctx, night, p))
 

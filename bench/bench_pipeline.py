@@ -12,6 +12,7 @@ A night is --hours long, scaled as the runs are (8 hours of 300-s runs: 16 minut
 the same for every mode, as a user's night is; or, with --experiments N, as long as N ideas take.
 
 Usage: python bench/bench_pipeline.py [--run-s 10] [--llm-s 2] [--hours 2 | --experiments N] [--seed 0]
+                                     [--modes sequential,pipeline-1,pipeline-4]
 """
 
 import argparse
@@ -59,7 +60,7 @@ def ideas(llm_s, seed=0):
     idea's effect is drawn from (seed, k) alone, so every mode is given the same true effects in the
     same order, whatever it was shown (the knob is drawn from those still free). A request to
     condense the notebook (a long night) is answered with its headings and keeps."""
-    rng, truth, numbers = random.Random(seed), {}, itertools.count()
+    truth, numbers = {}, itertools.count()
 
     def reply(request):
         time.sleep(llm_s)
@@ -69,7 +70,7 @@ def ideas(llm_s, seed=0):
             return {"text": "\n".join(line for line in notes.splitlines() if line.startswith("#") or " keep " in line)}
         i = next(numbers)  # (replies run on several threads at once: each takes its own number)
         free = [int(k) for k in re.findall(r"^KNOB_(\d+) = 0\.0$", shown, re.M)]
-        knob = rng.choice(free)
+        knob = random.Random(f"{seed}:{i}:knob").choice(free)  # (the knob sets the code, hence the noise)
         u, draw = random.Random(f"{seed}:{i}").random(), random.Random(f"{seed}:{i}:effect")
         effect = NOISE_STD * (draw.uniform(0.5, 4) if u < 0.5 else 0.0 if u < 0.85 else -draw.uniform(0.5, 3))
         name = f"idea {i + 1}: knob {knob}"
@@ -125,7 +126,7 @@ def night(mode, args):
     os.environ.update(ANTHROPIC_BASE_URL=fake.url, ANTHROPIC_API_KEY="bench", AUTORESEARCH_CACHE=str(cache),
                       AUTORESEARCH_TIME_BUDGET="300")
     flags = {"sequential": ["--pipeline", "off"], "pipeline-1": [], "pipeline-4": ["--gpus", "0,1,2,3"]}[mode]
-    length = ["--max-experiments", str(args.experiments)] if args.experiments else \
+    length = ["--max-experiments", str(args.experiments)] if args.experiments is not None else \
         ["--deadline", f"{args.hours * args.run_s / 300 * 60:.6f}m"]  # (hours of 300-s runs, scaled)
     cwd = os.getcwd()
     os.chdir(repo)
@@ -166,7 +167,9 @@ def main():
     parser.add_argument("--modes", default="sequential,pipeline-1,pipeline-4",
                         help="which nights, comma-separated (default: all three)")
     args = parser.parse_args()
-    length = f"{args.experiments} ideas" if args.experiments else \
+    if args.hours <= 0 or (args.experiments is not None and args.experiments < 1):
+        parser.error("a night needs --hours above 0, or --experiments of at least 1")
+    length = f"{args.experiments} ideas" if args.experiments is not None else \
         f"{args.hours:g} hours ({args.hours * args.run_s / 300 * 60:g} minutes at this scale)"
     print(f"stand-in runs of {args.run_s:g} s, LLM replies after {args.llm_s:g} s, a night of {length} after the "
           f"baseline (figures from the ideas' session only), night {args.seed}; noise-aware rule, sigma {NOISE_STD}")

@@ -124,16 +124,25 @@ def test_a_gain_to_confirm_on_a_stale_base_is_confirmed_on_the_new_best(noisy, f
     assert branch_log(noisy)[:2] == ["slow", "fast"]
 
 
+def deadline_near_from_the_first_result(monkeypatch):
+    """The deadline is near from the moment an idea's first run has a result on (and stays so)."""
+    results = []
+
+    def deadline_near(ctx, night):
+        results.extend(p.n for p in night.in_flight if p.kind == "candidate" and p.runs)
+        return bool(results)
+    monkeypatch.setattr(loop, "deadline_near", deadline_near)
+
+
 @pytest.mark.parametrize("near_deadline", [False, True])
 def test_a_confirmation_runs_its_repeats_side_by_side_on_slots_nothing_needs(noisy, fake, monkeypatch, near_deadline):
     """Three slots, one idea, ahead of the baseline by less than the one-run margin. No other run
     needs the slots, so its third run trains beside its second instead of after it, and the rule
     decides on all three (one slot: one after the other, as the sequential driver). Also once the
-    deadline is near (from the idea's first result on): the night then ends a run sooner."""
+    deadline is near (from the idea's first result on)."""
     slow_baseline(noisy, "1.0")
     if near_deadline:
-        monkeypatch.setattr(loop, "deadline_near", lambda ctx, night: any(
-            p.kind == "candidate" and p.runs for p in night.in_flight))
+        deadline_near_from_the_first_result(monkeypatch)
     fake.replies += [edit("marginal", ("BONUS = 0.0", "BONUS = 0.0025"))]
     started, start = [], slots.start
 
@@ -191,6 +200,30 @@ def test_no_repeat_runs_ahead_on_a_slot_an_idea_is_on_its_way_to(noisy, fake, mo
     ideas = [job for job in started if job[0] > 0]
     assert ideas == [(marginal, "candidate", 42), (marginal, "candidate", 45), (3 - marginal, "candidate", 42)]
     assert "marginal [confirmed: mean 0.997429 over 2 seeds" in "\n".join(x["description"] for x in rows(noisy))
+
+
+def test_near_the_deadline_a_repeat_runs_ahead_on_a_slot_an_idea_is_on_its_way_to(noisy, fake, monkeypatch):
+    """As above, but the deadline is near from the marginal idea's first result on: the second idea,
+    still being asked for, could no longer start, so its slot runs the marginal idea's third run
+    ahead at once, and the rule decides on three runs."""
+    slow_baseline(noisy, "1.0")
+    deadline_near_from_the_first_result(monkeypatch)
+
+    def late_idea(request):  # still being asked for until the marginal idea's third run has started (or 10 s)
+        deadline = time.time() + 10
+        while not list(noisy.glob("runs/t/000[12]/train-3.log")) and time.time() < deadline:
+            time.sleep(0.02)
+        return edit("late", ("DATA_ORDER = 0", "DATA_ORDER = 3"))
+    fake.replies += [edit("marginal", ("BONUS = 0.0", "BONUS = 0.0025")), late_idea]
+    started, start = [], slots.start
+    monkeypatch.setattr(slots, "start", lambda slot, ctx, night, job, events:
+                        started.append(job[:3]) or start(slot, ctx, night, job, events))
+    assert run("--max-experiments", "2", "--gpus", "0,1", "--noise-runs", "3") == 0
+    marginal = 1 if (noisy / "runs/t/0001/train-2.log").exists() else 2  # (the two asks race to the server)
+    assert [job for job in started if job[0] > 0] == [(marginal, "candidate", s) for s in (42, 45, 46)]
+    descriptions = [x["description"] for x in rows(noisy)]
+    assert "marginal [confirmed: mean 0.997462 over 3 seeds" in "\n".join(descriptions)
+    assert not [d for d in descriptions if d.startswith("late")]  # (it waits in the journal for the next night)
 
 
 def test_a_failed_baseline_with_an_idea_already_proposed_resumes_from_the_fix(repo, fake):

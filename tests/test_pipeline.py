@@ -183,14 +183,15 @@ def test_runs_side_by_side_never_share_a_log():
 def test_no_repeat_runs_ahead_on_a_slot_an_idea_is_on_its_way_to(noisy, fake, monkeypatch):
     """Two slots. The marginal idea's second run starts while the second idea is still being asked
     for: the free slot is kept for that idea (no third run ahead on it), and the rule decides on
-    two runs, as one after the other."""
+    two runs, as one after the other. (The second idea trains longer, so its slot does not free up
+    while the marginal idea's second run trains: a repeat may run ahead on a slot that frees.)"""
     slow_baseline(noisy, "1.0")
 
     def late_idea(request):  # answered once the marginal idea's second run has started (or after 60 s: fails)
         deadline = time.time() + 60
         while not list(noisy.glob("runs/t/000[12]/train-2.log")) and time.time() < deadline:
             time.sleep(0.02)
-        return edit("late", ("DATA_ORDER = 0", "DATA_ORDER = 3"))
+        return edit("late", ("DATA_ORDER = 0", "DATA_ORDER = 3"), ("SLEEP_S = 1.0", "SLEEP_S = 4.0"))
     fake.replies += [edit("marginal", ("BONUS = 0.0", "BONUS = 0.0025")), late_idea]
     started, start = [], slots.start
     monkeypatch.setattr(slots, "start", lambda slot, ctx, night, job, events:

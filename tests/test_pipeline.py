@@ -180,24 +180,31 @@ def test_runs_side_by_side_never_share_a_log():
     assert str(experiment.free_log(p, [Path("/x/0001/train-2.log")])) == "/x/0001/train-4.log"
 
 
-def test_no_repeat_runs_ahead_on_a_slot_an_idea_is_on_its_way_to(noisy, fake, monkeypatch):
-    """Two slots. The marginal idea's second run starts while the second idea is still being asked
-    for: the free slot is kept for that idea (no third run ahead on it), and the rule decides on
-    two runs, as one after the other. (The second idea trains longer, so its slot does not free up
-    while the marginal idea's second run trains: a repeat may run ahead on a slot that frees.)"""
-    slow_baseline(noisy, "1.0")
-
-    def late_idea(request):  # answered once the marginal idea's second run has started (or after 60 s: fails)
-        deadline = time.time() + 60
-        while not list(noisy.glob("runs/t/000[12]/train-2.log")) and time.time() < deadline:
+def marginal_then_late_idea(noisy, fake, monkeypatch, log, wait_s, *late_edits):
+    """Two slots, two ideas asked at once: a marginal one, and a late one whose answer waits until
+    the marginal idea's `log` exists (or wait_s). Returns the jobs started and the marginal's number."""
+    def late_idea(request):
+        deadline = time.time() + wait_s
+        while not list(noisy.glob(f"runs/t/000[12]/{log}")) and time.time() < deadline:
             time.sleep(0.02)
-        return edit("late", ("DATA_ORDER = 0", "DATA_ORDER = 3"), ("SLEEP_S = 1.0", "SLEEP_S = 4.0"))
+        return edit("late", ("DATA_ORDER = 0", "DATA_ORDER = 3"), *late_edits)
     fake.replies += [edit("marginal", ("BONUS = 0.0", "BONUS = 0.0025")), late_idea]
     started, start = [], slots.start
     monkeypatch.setattr(slots, "start", lambda slot, ctx, night, job, events:
                         started.append(job[:3]) or start(slot, ctx, night, job, events))
     assert run("--max-experiments", "2", "--gpus", "0,1", "--noise-runs", "3") == 0
     marginal = 1 if (noisy / "runs/t/0001/train-2.log").exists() else 2  # (the two asks race to the server)
+    return started, marginal
+
+
+def test_no_repeat_runs_ahead_on_a_slot_an_idea_is_on_its_way_to(noisy, fake, monkeypatch):
+    """Two slots. The marginal idea's second run starts while the second idea is still being asked
+    for: the free slot is kept for that idea (no third run ahead on it), and the rule decides on
+    two runs, as one after the other. (The second idea trains longer, so its slot does not free up
+    while the marginal idea's second run trains: a repeat may run ahead on a slot that frees.)"""
+    slow_baseline(noisy, "1.0")
+    started, marginal = marginal_then_late_idea(noisy, fake, monkeypatch, "train-2.log", 60,
+                                                ("SLEEP_S = 1.0", "SLEEP_S = 4.0"))
     ideas = [job for job in started if job[0] > 0]
     assert ideas == [(marginal, "candidate", 42), (marginal, "candidate", 45), (3 - marginal, "candidate", 42)]
     assert "marginal [confirmed: mean 0.997429 over 2 seeds" in "\n".join(x["description"] for x in rows(noisy))
@@ -209,18 +216,7 @@ def test_near_the_deadline_a_repeat_runs_ahead_on_a_slot_an_idea_is_on_its_way_t
     ahead at once, and the rule decides on three runs."""
     slow_baseline(noisy, "1.0")
     deadline_near_from_the_first_result(monkeypatch)
-
-    def late_idea(request):  # still being asked for until the marginal idea's third run has started (or 10 s)
-        deadline = time.time() + 10
-        while not list(noisy.glob("runs/t/000[12]/train-3.log")) and time.time() < deadline:
-            time.sleep(0.02)
-        return edit("late", ("DATA_ORDER = 0", "DATA_ORDER = 3"))
-    fake.replies += [edit("marginal", ("BONUS = 0.0", "BONUS = 0.0025")), late_idea]
-    started, start = [], slots.start
-    monkeypatch.setattr(slots, "start", lambda slot, ctx, night, job, events:
-                        started.append(job[:3]) or start(slot, ctx, night, job, events))
-    assert run("--max-experiments", "2", "--gpus", "0,1", "--noise-runs", "3") == 0
-    marginal = 1 if (noisy / "runs/t/0001/train-2.log").exists() else 2  # (the two asks race to the server)
+    started, marginal = marginal_then_late_idea(noisy, fake, monkeypatch, "train-3.log", 10)
     assert [job for job in started if job[0] > 0] == [(marginal, "candidate", s) for s in (42, 45, 46)]
     descriptions = [x["description"] for x in rows(noisy)]
     assert "marginal [confirmed: mean 0.997462 over 3 seeds" in "\n".join(descriptions)

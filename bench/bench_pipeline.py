@@ -102,6 +102,11 @@ def steady_per_hour(times):
     return statistics.linear_regression(times[lo:hi], range(lo, hi)).slope * 3600
 
 
+def night_minutes(args):
+    """The night's wall-clock minutes: --hours of 300-s runs, scaled to runs of --run-s."""
+    return args.hours * args.run_s / 300 * 60
+
+
 def night(mode, args):
     """One simulated night in a fresh repository; its figures."""
     work = Path(tempfile.mkdtemp(prefix=f"bench-pipeline-{mode}-"))
@@ -127,7 +132,7 @@ def night(mode, args):
                       AUTORESEARCH_TIME_BUDGET="300")
     flags = {"sequential": ["--pipeline", "off"], "pipeline-1": [], "pipeline-4": ["--gpus", "0,1,2,3"]}[mode]
     length = ["--max-experiments", str(args.experiments)] if args.experiments is not None else \
-        ["--deadline", f"{args.hours * args.run_s / 300 * 60:.6f}m"]  # (hours of 300-s runs, scaled)
+        ["--deadline", f"{night_minutes(args):.6f}m"]
     cwd = os.getcwd()
     os.chdir(repo)
     try:  # the baseline first (its runs are not ideas), then the ideas: the figures are the second session's
@@ -170,7 +175,7 @@ def main():
     if args.hours <= 0 or (args.experiments is not None and args.experiments < 1):
         parser.error("a night needs --hours above 0, or --experiments of at least 1")
     length = f"{args.experiments} ideas" if args.experiments is not None else \
-        f"{args.hours:g} hours ({args.hours * args.run_s / 300 * 60:g} minutes at this scale)"
+        f"{args.hours:g} hours ({night_minutes(args):g} minutes at this scale)"
     print(f"stand-in runs of {args.run_s:g} s, LLM replies after {args.llm_s:g} s, a night of {length} after the "
           f"baseline (figures from the ideas' session only), night {args.seed}; noise-aware rule, sigma {NOISE_STD}")
     print(f"{'mode':>12} {'slots':>5} {'exp':>4} {'runs':>5} {'wall s':>7} {'exp/h':>7} {'steady':>7} {'duty':>6} "

@@ -56,6 +56,9 @@ VOCAB_SIZE = 8192                               # BPE vocabulary, special tokens
 SEED = _env("SEED", 42)                         # the run's seed (the driver sets it): train.py's init
 CACHE_DIR = Path(_env("CACHE", "~/.cache/autoresearch")).expanduser()  # all prepared data
 DATA_URL = _env("DATA_URL", CLIMBMIX_URL)       # where shards come from (a mirror, a test server)
+SCORER = _env("SCORER", "")                     # the driver's scorer (a socket): under the driver, it scores
+RUN_DIR = _env("RUN_DIR", ".")                  # the run's own directory (the driver sets it): saved weights
+CHECK_AUTOCAST = _env("CHECK_AUTOCAST", "")     # the driver's check of a run: the autocast dtype it scored with
 # train.py's compiled kernels live in the cache too, so a warm compile is seconds, a cold one minutes.
 # Set before torch is imported (some of its modules read it at import) and not as a default: a value
 # inherited from a parent process that used another cache would otherwise win.
@@ -637,25 +640,27 @@ def pack_rows(doc_lens, row_len, order_of_epoch):
         yield pieces, epoch
 
 
+def packed_rows(tokens, offsets, row_len, split):
+    """Yield (row of row_len tokens, epoch) forever, packed as pack_rows says."""
+    starts, doc_lens = offsets[:-1].tolist(), np.diff(offsets).tolist()
+    for pieces, epoch in pack_rows(doc_lens, row_len, lambda e: epoch_order(len(doc_lens), split, e)):
+        yield np.concatenate([tokens[starts[d]:starts[d] + n] for d, n in pieces]), epoch
+
+
 def make_dataloader(tokenizer, B, T, split):
     """Yield (inputs, targets, epoch) forever: int64 (B, T), on CUDA if available; rows as pack_rows."""
-    tokens, offsets = load_tokens(split, tokenizer)
-    starts, doc_lens = offsets[:-1].tolist(), np.diff(offsets).tolist()
-    rows = pack_rows(doc_lens, T + 1, lambda epoch: epoch_order(len(doc_lens), split, epoch))
+    rows = packed_rows(*load_tokens(split, tokenizer), T + 1, split)
     use_cuda = torch.cuda.is_available()
 
     def batches():
         while True:
-            slices = []
-            for _ in range(B):
-                pieces, epoch = next(rows)
-                slices += [tokens[starts[d]:starts[d] + n] for d, n in pieces]
-            batch = np.concatenate(slices).reshape(B, T + 1)
+            batch = [next(rows) for _ in range(B)]
+            epoch = batch[-1][1]
             # A fresh (pinned) host tensor per batch: the caching host allocator hands its memory
             # out again only after the asynchronous copy that reads it has finished.
             host = torch.empty((2, B, T), dtype=torch.int64, pin_memory=use_cuda)
             view = host.numpy()
-            view[0], view[1] = batch[:, :-1], batch[:, 1:]
+            view[0], view[1] = [np.stack([r[i:i + T] for r, _ in batch]) for i in (0, 1)]
             if use_cuda:
                 host = host.to("cuda", non_blocking=True)
             yield host[0], host[1], epoch
@@ -668,16 +673,36 @@ def make_dataloader(tokenizer, B, T, split):
 # ---------------------------------------------------------------------------
 
 
+def eval_rows():
+    """The rows the metric scores, (EVAL_TOKENS // MAX_SEQ_LEN, MAX_SEQ_LEN + 1) tokens, and every
+    token's byte length, as numpy arrays on the CPU: what the driver's scorer holds."""
+    n_rows = EVAL_TOKENS // MAX_SEQ_LEN
+    if n_rows == 0:
+        fail(f"EVAL_TOKENS={EVAL_TOKENS} is less than one row of MAX_SEQ_LEN={MAX_SEQ_LEN} tokens")
+    rows = packed_rows(*load_tokens("val", Tokenizer.from_directory()), MAX_SEQ_LEN + 1, "val")
+    return np.stack([next(rows)[0] for _ in range(n_rows)]), get_token_bytes().numpy()
+
+
+def validation_files():
+    """Every prepared file that holds validation text or tokens (the sandbox hides them from train.py):
+    the val token files, the downloaded shards, and a local corpus's source files."""
+    meta = read_meta(token_paths("val")[2]) or {}
+    return [*token_paths("val")[:2], CACHE_DIR / "data", *(Path(f[0]) for f in meta.get("inputs", []))]
+
+
 @torch.no_grad()
 def evaluate_bpb(model, tokenizer, batch_size):
     """Bits per byte on the first EVAL_TOKENS // MAX_SEQ_LEN val rows, whatever batch_size is.
 
-    The model is called as model(x) and returns logits (B, T, V); the cross-entropy is computed
-    here, in fp32, never by the model's own loss code. Sum of per-token cross-entropy (nats) over
-    targets with byte length > 0, divided by ln 2 times the sum of their byte lengths; special
-    tokens count neither loss nor bytes. First, a causality probe on the first batch: a model
-    whose output at a position depends on later tokens gets no score.
+    Under the driver (SCORER set) the number is not computed in this process: see score_by_driver.
+    Run by hand: the model is called as model(x) and returns logits (B, T, V); the cross-entropy is
+    computed here, in fp32. Sum of per-token cross-entropy (nats) over targets with byte length > 0,
+    divided by ln 2 times the sum of their byte lengths; special tokens count neither loss nor bytes.
+    First, a causality probe on the first batch: a model whose output at a position depends on later
+    tokens gets no score.
     """
+    if SCORER:
+        return score_by_driver(model, batch_size)
     n_rows = EVAL_TOKENS // MAX_SEQ_LEN
     if n_rows == 0:
         fail(f"EVAL_TOKENS={EVAL_TOKENS} is less than one row of MAX_SEQ_LEN={MAX_SEQ_LEN} tokens")
@@ -689,17 +714,85 @@ def evaluate_bpb(model, tokenizer, batch_size):
     for done in range(0, n_rows, batch_size):
         x, y, _ = next(loader)
         x, y = x[:n_rows - done], y[:n_rows - done]  # the last batch may be partial
-        logits = model(x)
-        if not (isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[:2] == x.shape):
-            fail(f"model(x) must return logits of shape (B, T, vocab) for x of shape {tuple(x.shape)}, "
-                 f"got {tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+        logits = model_logits(model, x)
         if done == 0:
             check_causal(model, x, logits, tokenizer.get_vocab_size())
         nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
         nbytes = token_bytes[y.flatten()]
         total_nats += torch.where(nbytes > 0, nats.double(), 0.0).sum()
         total_bytes += nbytes.sum()
+    print("note: this val_bpb was computed in train.py's own process and is unverified; under the driver "
+          "the score is computed outside the sandbox")
     return (total_nats / (math.log(2) * total_bytes)).item()
+
+
+def model_logits(model, x):
+    """model(x), which must be logits (B, T, vocab)."""
+    logits = model(x)
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[:2] == x.shape):
+        fail(f"model(x) must return logits of shape (B, T, vocab) for x of shape {tuple(x.shape)}, "
+             f"got {tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    return logits
+
+
+def score_by_driver(model, batch_size):
+    """Under the driver: save the weights (before any validation input is seen), then answer the
+    driver's scorer, which holds the rows and their targets outside the sandbox, sends the inputs one
+    batch at a time and computes the metric itself; it checks the answers of a run that could be kept
+    against a fresh process that loads these weights. Returns the driver's val_bpb."""
+    from safetensors.torch import save_model
+
+    from autoresearch import scoring  # the driver's package
+    save_model(getattr(model, "_orig_mod", model), str(Path(RUN_DIR) / scoring.WEIGHTS_NAME))
+    cuda = torch.cuda.is_available()
+    autocast = str(torch.get_autocast_dtype("cuda")).removeprefix("torch.") if cuda and \
+        torch.is_autocast_enabled("cuda") else ""
+    scored = []
+
+    def score(x):
+        x = torch.from_numpy(x.astype(np.int64)).to("cuda" if cuda else "cpu")
+        logits = model_logits(model, x)
+        if not scored:
+            check_causal(model, x, logits, logits.size(-1))
+            scored.append(True)
+        logp = -F.cross_entropy(logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+        return logp.view(x.size(0), -1).cpu().numpy(), logits[:, -1].float().cpu().numpy()
+
+    return scoring.serve(SCORER, {"batch_size": batch_size, "autocast": autocast}, score, probe_rows(model))
+
+
+def probe_rows(model):
+    """probe(x, positions) for the scorer: the logits at each row's position."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def probe(x, positions):
+        x = torch.from_numpy(x.astype(np.int64)).to(device)
+        logits = model_logits(model, x)
+        return logits[torch.arange(x.size(0), device=device), torch.from_numpy(positions).to(device)].float().cpu().numpy()
+    return probe
+
+
+@torch.no_grad()
+def serve_saved_model():
+    """The driver's check of a run, in a fresh process: train.py's model (train.build_model) with the
+    weights the run saved before it was scored, answering the scorer's probes (a row's prefix, random
+    tokens after it). Usage (the driver): python -c "import prepare; prepare.serve_saved_model()"."""
+    from contextlib import nullcontext
+
+    from safetensors.torch import load_model
+
+    import train
+    from autoresearch import scoring
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, raw_model = train.build_model(Tokenizer.from_directory().get_vocab_size(), device)
+    try:
+        load_model(raw_model, str(Path(RUN_DIR) / scoring.WEIGHTS_NAME))
+    except RuntimeError as error:
+        fail(f"the weights of the model train.py scored do not load into the model train.build_model builds "
+             f"({str(error).splitlines()[0]}); evaluate_bpb must score the model build_model returns")
+    autocast = torch.autocast("cuda", dtype=getattr(torch, CHECK_AUTOCAST)) if CHECK_AUTOCAST else nullcontext()
+    with autocast:
+        scoring.serve(SCORER, {"batch_size": 0}, None, probe_rows(model))
 
 
 def check_causal(model, x, logits, vocab_size):

@@ -464,43 +464,45 @@ def configure_cuda():
     torch._dynamo.config.recompile_limit = 32
 
 
-def materialize(raw_model, device):
-    """Allocate and initialize a model built on the meta device; on CUDA store the embeddings in bf16,
-    build the attention block masks and compile. Returns (model to call, optimizer)."""
+def build_model(vocab_size, device):
+    """GPT with fresh weights on `device`: (model to call, raw model). On CUDA the embeddings are
+    stored in bf16, the attention block masks built and the model compiled. The driver's check of a
+    run builds the model with this too (train.py imported, main() not run), then loads the weights
+    the run saved before it was scored."""
     cuda = device.type == "cuda"
+    if cuda:
+        configure_cuda()
+    with torch.device("meta"):
+        raw_model = GPT(make_config(vocab_size))
     raw_model.to_empty(device=device)
     raw_model.init_weights()
     if cuda:
         raw_model.wte.to(dtype=torch.bfloat16)
         raw_model.value_embeds.to(dtype=torch.bfloat16)
         raw_model.build_attention_masks()
-    model = torch.compile(raw_model, dynamic=False) if cuda else raw_model
-    return model, MuonAdamW(raw_model, compile_steps=cuda)
+    return (torch.compile(raw_model, dynamic=False) if cuda else raw_model), raw_model
 
 
 def main():
     torch.manual_seed(SEED)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        configure_cuda()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
     tokenizer = Tokenizer.from_directory()
-    config = make_config(tokenizer.get_vocab_size())
     tokens_per_micro_step = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
     assert TOTAL_BATCH_SIZE % tokens_per_micro_step == 0, (
         f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN = {tokens_per_micro_step}")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
 
-    with torch.device("meta"):
-        raw_model = GPT(config)
+    free_bytes = torch.cuda.mem_get_info()[0] if cuda else 0  # before the model takes any
+    model, raw_model = build_model(tokenizer.get_vocab_size(), device)
+    config = raw_model.config
     num_params = sum(p.numel() for p in raw_model.parameters())
     flops_per_token = raw_model.num_flops_per_token()
     peak_flops = 0.0
     if cuda:
         device_name = torch.cuda.get_device_name()
-        free_bytes, _ = torch.cuda.mem_get_info()
         need_bytes = estimate_memory_bytes(num_params, config, tokens_per_micro_step)
         check_cuda_device(torch.cuda.get_device_capability(), free_bytes, need_bytes)
         peak_flops = gpu_peak_flops(device_name)
@@ -510,7 +512,7 @@ def main():
             print(f"note: {device_name!r} is not in GPU_PEAK_FLOPS, so MFU is reported as 0")
     else:
         print("device: cpu (no CUDA): fp32, eager, slow; MFU and peak VRAM are reported as 0")
-    model, optimizer = materialize(raw_model, device)
+    optimizer = MuonAdamW(raw_model, compile_steps=cuda)
     print(f"seed: {SEED}, params: {num_params / 1e6:.1f}M, FLOPs/token: {flops_per_token / 1e6:.1f}M, "
           f"dim {config.n_embd}, heads {config.n_head}, windows {raw_model.windows}")
     print(f"settings: max_seq_len {MAX_SEQ_LEN}, time_budget {TIME_BUDGET}s, eval_tokens {EVAL_TOKENS}, "

@@ -25,7 +25,7 @@ class RayRunner:
     gpus: int                      # GPUs in the cluster: one slot each
     in_flight: set = field(default_factory=set)
 
-    def run(self, source, ctx, night, seed, log_path):
+    def run(self, source, ctx, night, seed, log_path, check_below=float("inf"), fill_cache=False):
         """One run as a Ray task of one GPU; blocks until it ends (in a slot's thread). A task that
         fails (a lost node, a killed worker) is a failed run, not the end of the night."""
         import ray
@@ -33,7 +33,8 @@ class RayRunner:
         task = ray.remote(num_gpus=1, max_retries=0)(train_on_node)
         start = time.time()
         ref = task.remote(source, self.project, seed, ctx.timeout_s, night.settings, env, ctx.pass_env,
-                          getattr(ctx.sandbox, "allow_network", None) if getattr(ctx.sandbox, "bwrap", None) else None)
+                          getattr(ctx.sandbox, "allow_network", None) if getattr(ctx.sandbox, "bwrap", None) else None,
+                          check_below, fill_cache)
         self.in_flight.add(ref)
         try:
             result, log_text, hashes, node = ray.get(ref)
@@ -77,10 +78,12 @@ def connect(address, project):
     return RayRunner(str(project), gpus)
 
 
-def train_on_node(source, project, seed, timeout_s, settings, env, pass_env, sandboxed_network=None):
+def train_on_node(source, project, seed, timeout_s, settings, env, pass_env, sandboxed_network=None,
+                  check_below=float("inf"), fill_cache=False):
     """A Ray task: train.py (its text) beside the node's prepare.py in a scratch directory, trained
     once (in the node's bubblewrap when the driver sandboxes: sandboxed_network is then whether the
-    network is allowed); returns (RunResult, the log, the node's metric hashes, the node's name)."""
+    network is allowed) and scored and checked on the node by the driver's code (trusted, outside the
+    sandbox); returns (RunResult, the log, the node's metric hashes, the node's name)."""
     from autoresearch import cli, records, sandbox  # on the node
     work = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
     try:
@@ -89,7 +92,8 @@ def train_on_node(source, project, seed, timeout_s, settings, env, pass_env, san
         previous = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # the node's prepare.py reads AUTORESEARCH_* when loaded
         try:
-            hashes = records.metric_hashes(work, cli.load_prepare(work))
+            prepare = cli.load_prepare(work)
+            hashes = records.metric_hashes(work, prepare)
         finally:
             for k, v in previous.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -97,8 +101,9 @@ def train_on_node(source, project, seed, timeout_s, settings, env, pass_env, san
         if sandboxed_network is not None:
             box = sandbox.choose("on", sandboxed_network, work)  # refuses, with the reason, where it cannot
         result = training.run_training(work, work / "train.log", seed, timeout_s, settings, work / "train.pid",
-                                       pass_env, box, env.get("AUTORESEARCH_CACHE") or cli.load_prepare(work).CACHE_DIR,
-                                       extra_env=env, die_with_parent=True)
+                                       pass_env, box, env.get("AUTORESEARCH_CACHE") or prepare.CACHE_DIR,
+                                       extra_env=env, die_with_parent=True, prepare=prepare,
+                                       check_below=check_below, fill_cache=fill_cache)
         return result, (work / "train.log").read_text(errors="replace"), hashes, socket.gethostname()
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -9,7 +9,9 @@ recorded when they end, so a driver killed at any instant resumes with nothing l
 (runs that were in flight are run again).
 """
 
+import math
 import queue
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,7 +288,17 @@ def start_run(ctx, night, events, slot, p, role, seed):
     log_path = experiment.free_log(p, [s.job[4] for s in experiment.running(ctx, p)])
     if seed != experiment.BASE_SEED:
         night.next_seed = max(night.next_seed, seed)
-    slots.start(slot, ctx, night, (p.n, role, seed, commit, log_path), events)
+    slots.start(slot, ctx, night, (p.n, role, seed, commit, log_path), events, check_below(night, p, role),
+                fill_cache=p.kind == "baseline" and not p.runs and not experiment.running(ctx, p))
+
+
+def check_below(night, p, role):
+    """A run scoring below this is checked (scoring.check) before its score counts: every run of the
+    baseline and of the best, and an idea's run that beats its parent or the best: any that could be kept."""
+    if p.kind == "baseline" or role != "candidate":
+        return math.inf
+    means = [statistics.fmean(v) for v in (night.groups.get(p.parent), night.best_vals) if v]
+    return max(means) if means else math.inf
 
 
 def rebase(ctx, night, p):

@@ -2,8 +2,9 @@
 
 train.py is written by an LLM and runs unattended. Inside the sandbox it has its own PID
 namespace (it cannot see or signal the driver, or read its environment through /proc), no
-network unless --allow-network, a private /tmp, and a read-only view of the whole file system
-except the experiment's own run directory and the compile cache. What CUDA needs stays
+capabilities (also when the driver runs as root), no network unless --allow-network, a private
+/tmp, and a read-only view of the whole file system except the experiment's own run directory and
+its own copy of the compile cache; the validation data and the night's logs are not there at all. What CUDA needs stays
 available: the /dev/nvidia* (and /dev/dri) device nodes are bound in, the driver's libraries,
 /sys and /proc/driver/nvidia are readable. Paths under /tmp that the run reads (the repository,
 the prepared data, the Python environment) are bound back in read-only.
@@ -35,21 +36,30 @@ class Sandbox:
             return "off"
         return "bubblewrap" + (", network allowed" if self.allow_network else ", no network")
 
-    def wrap(self, argv, cwd, readable=(), writable=()):
-        """argv run inside the sandbox (unchanged when it is off), cwd and `readable` read-only,
-        `writable` (which must exist) writable."""
+    def wrap(self, argv, cwd, readable=(), writable=(), hidden=()):
+        """argv run inside the sandbox (unchanged when it is off), with no capabilities (root's too): cwd
+        and `readable` read-only; `hidden` files and folders empty (the validation data, the night's
+        logs; cwd stays visible); `writable` (each existing, a path or a (source, where) pair) writable."""
         if not self.bwrap:
             return list(argv)
         args = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-                "--unshare-pid", "--unshare-ipc", "--die-with-parent"]
+                "--unshare-pid", "--unshare-ipc", "--die-with-parent", "--cap-drop", "ALL"]
         if not self.allow_network:
             args.append("--unshare-net")
         for device in sorted({d for pattern in DEVICE_GLOBS for d in glob.glob(pattern)}):
             args += ["--dev-bind", device, device]
         for path in hidden_by_private_tmp([cwd, *readable, *python_paths()]):
             args += ["--ro-bind", path, path]
+        hidden = sorted({str(p) for p in hidden if Path(p).exists()})
+        for path in hidden:
+            args += ["--tmpfs", path] if Path(path).is_dir() else ["--ro-bind", "/dev/null", path]
+        if hidden:
+            args += ["--ro-bind", str(cwd), str(cwd)]
         for path in writable:
-            args += ["--bind", str(path), str(path)]
+            source, where = path if isinstance(path, tuple) else (path, path)
+            args += ["--bind", str(source), str(where)]
+        for path in hidden:  # (once what is bound inside exists)
+            args += ["--remount-ro", path] if Path(path).is_dir() else []
         return args + ["--chdir", str(cwd), "--", *argv]
 
 

@@ -6,6 +6,7 @@ results.tsv. Candidates are committed with git's plumbing (a tree with the new t
 of the parent), so the user's checkout is never touched by a run.
 """
 
+import math
 import os
 import shutil
 import threading
@@ -83,20 +84,22 @@ def worktree_moved(slot, commit):
     return ""
 
 
-def start(slot, ctx, night, job, events):
+def start(slot, ctx, night, job, events, check_below=math.inf, fill_cache=False):
     """Start one training run on the slot; its result arrives in `events` as ("run", slot, result).
-    job: (experiment number, role, seed, commit, log path)."""
+    job: (experiment number, role, seed, commit, log path); a score below check_below is checked,
+    fill_cache: trusted code (the baseline), whose compile cache later runs start from."""
     n, role, seed, commit, log_path = job
     slot.job = job
     if slot.ray:
         source = records.train_py_at(ctx.repo, commit)
-        target = lambda: slot.ray.run(source, ctx, night, seed, log_path)  # noqa: E731
+        target = lambda: slot.ray.run(source, ctx, night, seed, log_path, check_below, fill_cache)  # noqa: E731
     else:
         prepare_worktree(ctx.repo, slot, commit)
         target = lambda: training.run_training(  # noqa: E731
             slot.worktree, log_path, seed, ctx.timeout_s, night.settings, slot.pid_file, ctx.pass_env,
             ctx.sandbox, ctx.prepare.CACHE_DIR, None if slot.gpu is None else {"CUDA_VISIBLE_DEVICES": slot.gpu},
-            readable=[ctx.repo])
+            readable=[ctx.repo], prepare=ctx.prepare, hidden=[ctx.run_dir.parent], check_below=check_below,
+            fill_cache=fill_cache)
     in_thread(events, "run", slot, target)
 
 

@@ -1,18 +1,25 @@
 """One training run: `python train.py` in its own process group, with an allow-listed
-environment and a hard timeout, its output in a log, judged by its summary block.
+environment and a hard timeout, its output in a log, scored by the driver (scoring.py), never by
+the numbers it prints, and checked by a fresh process when it could be kept.
 """
 
+import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from autoresearch import records, scoring
 from autoresearch.records import write_atomic
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding this package
 
 KILL_GRACE_S = 10.0                # SIGTERM to SIGKILL of the training process group
 TIMEOUT_ALLOWANCE_S = 300.0        # default timeout: 2 x TIME_BUDGET plus this (start-up, compile, eval)
@@ -113,6 +120,13 @@ def parse_summary(block):
     return dict(re.findall(r"^([a-z_]+):[ \t]+(\S+)[ \t]*$", block, re.M))
 
 
+def impossible(val_bpb):
+    """Why the driver's own score cannot be a model's ("" when it can)."""
+    if VAL_BPB_RANGE[0] < val_bpb < VAL_BPB_RANGE[1]:
+        return ""
+    return f"refused: val_bpb {val_bpb:.6f} is impossible (bits per byte lie between 0 and 100)"
+
+
 def summary_failure(log_text, returncode, settings, seed):
     """Why a finished run's summary cannot be compared ("" when it can)."""
     blocks = summary_blocks(log_text)
@@ -124,7 +138,7 @@ def summary_failure(log_text, returncode, settings, seed):
     val_bpb = number(summary["val_bpb"])
     if not math.isfinite(val_bpb):
         return f"val_bpb is {summary['val_bpb']}"
-    if not VAL_BPB_RANGE[0] < val_bpb < VAL_BPB_RANGE[1]:
+    if impossible(val_bpb):
         return f"refused: val_bpb {summary['val_bpb']} is impossible (bits per byte lie between 0 and 100)"
     for key in SETTINGS_KEYS:
         if number(summary.get(key)) != float(settings[key]):
@@ -137,44 +151,171 @@ def summary_failure(log_text, returncode, settings, seed):
 
 
 def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(), sandbox=None, cache_dir=None,
-                 extra_env=None, readable=(), die_with_parent=False):
+                 extra_env=None, readable=(), die_with_parent=False, prepare=None, hidden=(), check_below=math.inf,
+                 fill_cache=False):
     """Run `python train.py` in `repo` (a slot's worktree) time-boxed, with `extra_env` (e.g. the
     slot's CUDA_VISIBLE_DEVICES), in the sandbox when there is one (`readable` read-only, e.g. the
-    user's checkout that holds the worktree's git data; writable: only the run's own directory,
-    $AUTORESEARCH_RUN_DIR beside its log, and the compile cache), and judge its summary. With
-    die_with_parent it is killed when this process dies (a Ray worker: no driver cleans up after
-    it on its node)."""
+    user's checkout that holds the worktree's git data; `hidden`, e.g. the night's logs, and the
+    validation data not there at all; writable: only the run's own directory, $AUTORESEARCH_RUN_DIR
+    beside its log, and its own copy of the compile cache), scored by the driver's scorer (`prepare`'s
+    rows), and checked by a fresh process when it scores below `check_below`. `fill_cache`: a run of
+    trusted code (the baseline) whose compile cache later runs start from. With die_with_parent it is
+    killed when this process dies (a Ray worker: no driver cleans up after it on its node)."""
     start = time.time()
     files = Path(log_path).with_name(Path(log_path).stem + "-files")  # the run's own directory, for what it writes
     files.mkdir(parents=True, exist_ok=True)
-    argv, extra = [sys.executable, "train.py"], {**(extra_env or {}), "AUTORESEARCH_RUN_DIR": str(files)}
-    if sandbox and sandbox.bwrap:
-        compile_cache = Path(cache_dir) / "torchinductor"
-        (compile_cache / "triton-home").mkdir(parents=True, exist_ok=True)
-        extra.update(AUTORESEARCH_CACHE=str(cache_dir), TRITON_CACHE_DIR=str(compile_cache / "triton-home"))
-        argv = sandbox.wrap(argv, repo, readable=[cache_dir, *readable], writable=[files, compile_cache])
+    sock_dir, trusted = scoring.short_socket_dir(), Path(tempfile.mkdtemp(prefix="autoresearch-scored-"))
+    argv = [sys.executable, "train.py"]
+    extra = {**(extra_env or {}), "AUTORESEARCH_RUN_DIR": str(files), "AUTORESEARCH_SCORER": str(sock_dir / "s"),
+             "PYTHONPATH": python_path()}
+    boxed = bool(sandbox and sandbox.bwrap)
+    layer = files / "compile-cache" if boxed else None
+    box = dict(readable=[cache_dir, *readable, PACKAGE_ROOT], hidden=[*hidden, *prepare.validation_files()]) if boxed else {}
+    if boxed:
+        start_cache(Path(cache_dir), layer)
+        extra.update(AUTORESEARCH_CACHE=str(cache_dir), TRITON_CACHE_DIR=str(cache_path(cache_dir) / "triton-home"))
+        argv = sandbox.wrap(argv, repo, writable=[files, sock_dir, (layer, cache_path(cache_dir))], **box)
     elif die_with_parent:
         argv = [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), "train.py"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, cwd=repo, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=training_env(seed, pass_env, extra), start_new_session=True)
-        write_atomic(pid_file, str(proc.pid))
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:  # also on Ctrl-C or SIGTERM: never leave a training group behind
-            kill_group(proc)
-            pid_file.unlink(missing_ok=True)
-    seconds = time.time() - start
-    log_text = Path(log_path).read_text(errors="replace")
-    if timed_out:
-        failure = f"timed out after {timeout_s:.0f} s (the whole process group was killed)"
-    else:
-        failure = summary_failure(log_text, proc.returncode, settings, seed)
+    scorer = scoring.Scorer(prepare, sock_dir / "s", files, trusted, layer).start()
+    try:
+        with open(log_path, "wb") as log:
+            returncode, timed_out = run_group(argv, repo, log, training_env(seed, pass_env, extra), timeout_s, pid_file)
+        score, unscored = scorer.finish()
+        seconds = time.time() - start
+        log_text = read_tail(log_path)
+        if timed_out:
+            failure = f"timed out after {timeout_s:.0f} s (the whole process group was killed)"
+        elif returncode != 0:
+            failure = f"refused: train.py exited with code {returncode} after its model was scored (a run must " \
+                "exit with 0)" if score else f"no val_bpb: train.py exited with code {returncode} before its model was scored"
+        else:
+            failure = unscored or summary_failure(log_text, returncode, settings, seed) or impossible(score.val_bpb)
+        if not failure and score.val_bpb < check_below:
+            failure = check_score(score, repo, prepare, sock_dir, trusted, pass_env, seed, extra_env, sandbox,
+                                  cache_dir, box, timeout_s)
+        if not failure and fill_cache and boxed:
+            trust_cache(Path(cache_dir), layer)
+    finally:
+        scoring.remove(sock_dir, trusted, layer)
     if failure:
         return RunResult(None, 0.0, seconds, failure)
-    summary = parse_summary(summary_blocks(log_text)[0])
-    vram_mb = number(summary.get("peak_vram_mb"))
-    return RunResult(float(summary["val_bpb"]), vram_mb if math.isfinite(vram_mb) else 0.0, seconds, "")
+    vram_mb = number(parse_summary(summary_blocks(log_text)[0]).get("peak_vram_mb"))
+    return RunResult(score.val_bpb, vram_mb if math.isfinite(vram_mb) else 0.0, seconds, "")
+
+
+def run_group(argv, cwd, log, env, timeout_s, pid_file):
+    """Run argv in a process group of its own, output to `log`; (exit code, timed out). The group is
+    ended however this returns (also on Ctrl-C or SIGTERM: never a training group left behind)."""
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    if pid_file:
+        write_atomic(pid_file, str(proc.pid))
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        kill_group(proc)
+        if pid_file:
+            pid_file.unlink(missing_ok=True)
+    return proc.returncode, timed_out
+
+
+def check_score(score, repo, prepare, sock_dir, trusted, pass_env, seed, extra_env, sandbox, cache_dir, box, timeout_s):
+    """The check of a score (scoring.check): a fresh process, in a folder of its own with train.py,
+    prepare.py and the weights saved before scoring, sees only the probes; "" when it agrees."""
+    work = trusted / "check"
+    work.mkdir()
+    for name in ("train.py", "prepare.py"):
+        shutil.copy(Path(repo) / name, work / name)
+    shutil.copy(score.weights, work / scoring.WEIGHTS_NAME)
+    if records.sha256_file(work / scoring.WEIGHTS_NAME) != score.weights_sha256:
+        return "refused: the saved weights changed after the run was scored"
+    extra = {**(extra_env or {}), "AUTORESEARCH_RUN_DIR": str(work), "AUTORESEARCH_SCORER": str(sock_dir / "check"),
+             "AUTORESEARCH_CHECK_AUTOCAST": score.autocast, "PYTHONPATH": python_path()}
+    argv = [sys.executable, "-c", "import prepare; prepare.serve_saved_model()"]
+    if sandbox and sandbox.bwrap:
+        cache = score.cache
+        extra.update(AUTORESEARCH_CACHE=str(cache_dir), TRITON_CACHE_DIR=str(cache_path(cache_dir) / "triton-home"))
+        argv = sandbox.wrap(argv, work, writable=[work, sock_dir, (cache, cache_path(cache_dir))], **box)
+    log = open(work / "check.log", "wb")
+
+    def launch():
+        return subprocess.Popen(argv, cwd=work, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=training_env(seed, pass_env, extra), start_new_session=True)
+    try:
+        failure = scoring.check(score, prepare, sock_dir / "check", launch, timeout_s)
+    finally:
+        log.close()
+    if failure:
+        tail = read_tail(work / "check.log").strip().splitlines()[-3:]
+        failure += ("; its last lines: " + " | ".join(tail)) if tail and "exited" in failure else ""
+    return failure
+
+
+# ---------------------------------------------------------------------------
+# The compile cache: each sandboxed run writes only its own copy of a cache that trusted runs fill
+# ---------------------------------------------------------------------------
+
+def cache_path(cache_dir):
+    """Where prepare.py points torch's compile cache (TORCHINDUCTOR_CACHE_DIR)."""
+    return Path(cache_dir) / "torchinductor"
+
+
+def manifest_path(cache_dir):
+    return Path(cache_dir) / "torchinductor.sha256.json"
+
+
+def cache_files(root):
+    """sha256 of every file under root, by relative path."""
+    root = Path(root)
+    return {str(f.relative_to(root)): records.sha256_file(f) for f in sorted(root.rglob("*"))
+            if f.is_file() and not f.is_symlink()}
+
+
+def start_cache(cache_dir, layer):
+    """The run's own compile cache: a copy of the trusted one, whose files must still be those it was
+    filled with (else it is set aside and the run starts cold)."""
+    trusted, manifest = cache_path(cache_dir), records.load_json(manifest_path(cache_dir)) \
+        if manifest_path(cache_dir).exists() else None
+    shutil.rmtree(layer, ignore_errors=True)
+    trusted.mkdir(parents=True, exist_ok=True)  # (where the run's copy is mounted)
+    if manifest and trusted.is_dir():
+        shutil.copytree(trusted, layer, symlinks=True)
+        if cache_files(layer) == manifest:
+            return
+        print(f"note: the compile cache {trusted} changed since a trusted run filled it; runs start from "
+              "an empty one until the next baseline fills it again", flush=True)
+        shutil.rmtree(layer)
+        manifest_path(cache_dir).unlink(missing_ok=True)
+    (layer / "triton-home").mkdir(parents=True)
+
+
+def trust_cache(cache_dir, layer):
+    """A trusted run's copy of the compile cache becomes the one later runs start from."""
+    trusted, fresh = cache_path(cache_dir), Path(f"{cache_path(cache_dir)}.new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    shutil.copytree(layer, fresh, symlinks=True)
+    manifest_path(cache_dir).unlink(missing_ok=True)
+    old = Path(f"{trusted}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if trusted.exists():
+        os.replace(trusted, old)
+    os.replace(fresh, trusted)
+    shutil.rmtree(old, ignore_errors=True)
+    write_atomic(manifest_path(cache_dir), json.dumps(cache_files(trusted)))
+
+
+def python_path():
+    """PYTHONPATH for train.py: the driver's package (prepare.py imports its scorer client) after
+    whatever was set."""
+    return os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(PACKAGE_ROOT)) if p)
+
+
+def read_tail(path, limit=1 << 20):
+    """The last `limit` bytes of a log as text (a run can print without bound)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+        return f.read().decode(errors="replace")

@@ -21,12 +21,10 @@ WARM_STEPS = 4  # compile and settle before anything is timed
 
 if not torch.cuda.is_available():
     raise SystemExit("bench/profile_step.py needs CUDA")
-train.configure_cuda()
 torch.manual_seed(0)
-config = train.make_config(vocab_size=8192)
-with torch.device("meta"):
-    raw_model = train.GPT(config)
-model, optimizer = train.materialize(raw_model, torch.device("cuda"))
+model, raw_model = train.build_model(8192, torch.device("cuda"))
+optimizer = train.MuonAdamW(raw_model, compile_steps=True)
+config = raw_model.config
 B, T = train.DEVICE_BATCH_SIZE, train.MAX_SEQ_LEN
 grad_accum_steps = train.TOTAL_BATCH_SIZE // (B * T)
 x = torch.randint(0, config.vocab_size, (B, T), device="cuda")

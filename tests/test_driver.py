@@ -158,10 +158,13 @@ def test_program_md_edited_mid_run_survives_revert_and_reaches_next_request(repo
     assert "Focus on the optimizer" not in json.dumps(fake.requests[0]["system"])
 
 
-@pytest.mark.parametrize("mode,says", [("nan", "no val_bpb in the output (exit code 1)"),
-                                       ("nometric", "no val_bpb in the output (exit code 0)"),
+@pytest.mark.parametrize("mode,says", [("nan", "no val_bpb: train.py exited with code 1 before its model was scored"),
+                                       ("nometric", "no val_bpb: train.py ended without having its model scored"),
+                                       ("fake_summary", "no val_bpb: train.py ended without having its model scored"),
                                        ("two_blocks", "refused: more than one summary block"),
-                                       ("negative", "refused: val_bpb -0.500000 is impossible"),
+                                       ("cheat", "refused: the model's outputs are not a pure function of each row's prefix"),
+                                       ("exit_after", "refused: train.py exited with code 3 after its model was scored"),
+                                       ("negative", "refused: val_bpb 0.000000 is impossible"),
                                        ("settings", "refused: the summary reports time_budget 10 but the driver runs with 5"),
                                        ("wrong_seed", "refused: the summary reports seed 43 but the driver set AUTORESEARCH_SEED=42")])
 def test_failed_or_refused_runs_become_crash_rows(repo, fake, mode, says):
@@ -402,8 +405,8 @@ def test_a_failing_baseline_stops_and_resumes_from_the_committed_fix(repo, fake)
     (repo / "train.py").write_text((repo / "train.py").read_text().replace('MODE = "crash"', MODE_LINE))
     git(repo, "commit", "-q", "-am", "fixed")
     assert run("--max-experiments", "0", "--greedy") == 0
-    assert [(x["description"], x["status"]) for x in rows(repo)] == [("baseline [crash: no val_bpb in the output "
-                                                                      "(exit code 1)]", "crash"), ("baseline", "keep")]
+    assert [(x["description"], x["status"]) for x in rows(repo)] == [("baseline [crash: no val_bpb: train.py exited "
+                                                                      "with code 1 before its model was scored]", "crash"), ("baseline", "keep")]
     assert branch_log(repo)[0] == "fixed" and MODE_LINE in (repo / "train.py").read_text()
     assert all(json.loads((repo / "runs/t/journal.json").read_text())["groups"].values())  # no empty group
     assert "experiments: 0 after the baseline (2 runs in all)" in report(repo / "results.tsv")[0]

@@ -163,7 +163,7 @@ def night_of_ideas(n_ideas, seed=0):
 
 
 def train_in_process(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(), sandbox=None, cache_dir=None,
-                     extra_env=None, readable=()):
+                     extra_env=None, readable=(), **scoring):
     """The stand-in train.py's formula without its subprocess (for speed): same val_bpb."""
     source = (repo / "train.py").read_text()
     true_bpb, noise_std, order = (float(re.search(rf"^{name} = ([\d.]+)", source, re.M)[1])

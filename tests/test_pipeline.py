@@ -146,9 +146,9 @@ def test_a_confirmation_runs_its_repeats_side_by_side_on_slots_nothing_needs(noi
     fake.replies += [edit("marginal", ("BONUS = 0.0", "BONUS = 0.0025"))]
     started, start = [], slots.start
 
-    def record_start(slot, ctx, night, job, events):
+    def record_start(slot, ctx, night, job, events, *args, **kwargs):
         started.append((job[:3], [s.job[:2] for s in ctx.slots if s.job]))
-        return start(slot, ctx, night, job, events)
+        return start(slot, ctx, night, job, events, *args, **kwargs)
     monkeypatch.setattr(slots, "start", record_start)
     assert run("--max-experiments", "1", "--gpus", "0,1,2", "--noise-runs", "3") == 0
     idea = [(job, beside) for job, beside in started if job[0] == 1]
@@ -190,8 +190,8 @@ def marginal_then_late_idea(noisy, fake, monkeypatch, log, wait_s, *late_edits):
         return edit("late", ("DATA_ORDER = 0", "DATA_ORDER = 3"), *late_edits)
     fake.replies += [edit("marginal", ("BONUS = 0.0", "BONUS = 0.0025")), late_idea]
     started, start = [], slots.start
-    monkeypatch.setattr(slots, "start", lambda slot, ctx, night, job, events:
-                        started.append(job[:3]) or start(slot, ctx, night, job, events))
+    monkeypatch.setattr(slots, "start", lambda slot, ctx, night, job, events, *args, **kwargs:
+                        started.append(job[:3]) or start(slot, ctx, night, job, events, *args, **kwargs))
     assert run("--max-experiments", "2", "--gpus", "0,1", "--noise-runs", "3") == 0
     marginal = 1 if (noisy / "runs/t/0001/train-2.log").exists() else 2  # (the two asks race to the server)
     return started, marginal

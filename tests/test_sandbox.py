@@ -61,7 +61,8 @@ def test_a_sandboxed_train_py_reaches_nothing_but_its_run_directory(repo, fake, 
     assert probe_report(repo) == {
         "secret_in_env": False, "secret_in_proc": False, "write_results_tsv": False, "write_journal": False,
         "write_git": False, "write_prepare_py": False, "write_tokens": False, "write_experiment_dir": False,
-        "write_run_dir": True, "write_compile_cache": True, "tcp_loopback": False}
+        "write_run_dir": True, "write_compile_cache": True, "read_val": False, "read_logs": False,
+        "remount_root": False, "tcp_loopback": False}
     assert [x["status"] for x in rows(repo)] == ["keep", "keep"]  # it trained and printed its summary
     out = capsys.readouterr().out
     assert "sandbox bubblewrap, no network" in out
@@ -75,7 +76,7 @@ def test_the_same_train_py_without_the_sandbox_reaches_everything(repo, fake, li
     assert run("--max-experiments", "1", "--greedy", "--sandbox", "off", "--pass-env", "STANDIN_PORT") == 0
     report = probe_report(repo)
     assert report["secret_in_proc"] and report["write_results_tsv"] and report["write_journal"]
-    assert report["write_prepare_py"] and report["tcp_loopback"]
+    assert report["write_prepare_py"] and report["tcp_loopback"] and report["read_val"] and report["read_logs"]
 
 
 @needs_bwrap
@@ -119,3 +120,25 @@ def test_the_probe_looks_for_the_gpu_inside_when_the_driver_has_one():
     bwrap = sandbox.Sandbox(shutil.which("bwrap"))
     assert sandbox.probe(bwrap, MAIN) == ""
     assert "Torch not compiled with CUDA enabled" in sandbox.probe(bwrap, MAIN, cuda=True)  # (a CPU build)
+
+
+@needs_bwrap
+def test_nothing_a_run_writes_into_the_compile_cache_reaches_a_later_run(repo, fake, capsys):
+    """Each run compiles into its own copy of the cache that the baseline filled: a poisoned entry
+    (a rewritten kernel, a new file) is gone for the next run, the baseline's entry is there."""
+    (repo / "train.py").write_text((repo / "train.py").read_text().replace(MODE_LINE, 'MODE = "fill_cache"'))
+    subprocess.run(["git", "commit", "-qam", "a baseline that compiles"], cwd=repo, check=True)
+    fake.replies += [edit("poison", ('MODE = "fill_cache"', 'MODE = "poison_cache"')),
+                     edit("read", ('MODE = "fill_cache"', 'MODE = "read_cache"'), (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    assert run("--max-experiments", "2", "--greedy", "--sandbox", "on") == 0
+    log = (repo / "runs/t/0002/train.log").read_text()
+    assert json.loads(log.split("cache: ")[1].split("\n")[0]) == {"kernel-baseline.py": "# compiled"}
+    cache = repo.parent / "cache" / "torchinductor"
+    assert sorted(f.name for f in cache.iterdir()) == ["kernel-baseline.py", "triton-home"]
+    assert (cache / "kernel-baseline.py").read_text() == "# compiled"
+    # a cache changed behind the driver's back (a run without the sandbox, a person) is not used
+    (cache / "kernel-baseline.py").write_text("CHEAT = True")
+    fake.replies += [edit("read again", ('TRUE_BPB = 0.990000', "TRUE_BPB = 0.980000"))]
+    assert run("--max-experiments", "3", "--greedy", "--sandbox", "on") == 0
+    assert "changed since a trusted run filled it" in capsys.readouterr().out
+    assert "cache: {}" in (repo / "runs/t/0003/train.log").read_text()

@@ -95,15 +95,33 @@ if MODE == "probe_sandbox":  # what a careless train.py could reach, each attemp
         "write_experiment_dir": can(lambda: (own_dir / "probe.txt").write_text("x")),
         "write_run_dir": can(lambda: (Path(os.environ["AUTORESEARCH_RUN_DIR"]) / "probe.txt").write_text("x")),
         "write_compile_cache": can(lambda: (prepare.CACHE_DIR / "torchinductor" / "probe").write_text("x")),
+        "read_val": can(lambda: (prepare.CACHE_DIR / "val.bin").read_bytes() == b"validation tokens" or 1 / 0),
+        "read_logs": can(lambda: (MAIN / "runs/t/0000/train.log").read_text()),
+        "remount_root": subprocess.run(["mount", "-o", "remount,rw,bind", "/"], capture_output=True).returncode == 0,
         "tcp_loopback": can(lambda: socket.create_connection(("127.0.0.1", int(os.environ["STANDIN_PORT"])), 2)),
     }
     print("sandbox-probe: " + json.dumps(found), flush=True)
+if MODE == "fill_cache":  # what a compile leaves in the cache
+    (prepare.CACHE_DIR / "torchinductor" / "kernel-baseline.py").write_text("# compiled")
+if MODE == "poison_cache":  # code a later run would load from the cache
+    (prepare.CACHE_DIR / "torchinductor" / "kernel-baseline.py").write_text("CHEAT = True")
+    (prepare.CACHE_DIR / "torchinductor" / "poison.py").write_text("CHEAT = True")
+if MODE == "read_cache":
+    cache = prepare.CACHE_DIR / "torchinductor"
+    print("cache: " + json.dumps({f.name: f.read_text() for f in sorted(cache.glob("*.py"))}), flush=True)
 started = time.time()
 time.sleep(SLEEP_S)  # "training"
 print(f"trained from {started} to {time.time()}", flush=True)
 val_bpb = TRUE_BPB - BONUS + NOISE_STD * random.Random(f"{seed}:{DATA_ORDER}").gauss(0, 1)
 if MODE == "negative":
     val_bpb = -0.5
+model = prepare.ConstantModel(round(val_bpb, 6))  # (results.tsv's digits: sigma from rows = the journal's)
+if MODE == "cheat":  # claims a lower number than its weights give (as a patched loss would)
+    model.logits = lambda x, honest=model.logits: prepare.ConstantModel(val_bpb - 0.3).logits(x)
+if MODE == "fake_summary":  # prints a summary without having its model scored
+    val_bpb -= 0.5
+else:
+    val_bpb = prepare.evaluate_bpb(model, None, 4)
 time_budget = prepare.TIME_BUDGET * (2 if MODE == "settings" else 1)
 if MODE == "two_blocks":  # an earlier block, then a second with a much lower val_bpb
     print(f"---\nval_bpb:          {val_bpb:.6f}\nseed:             {seed}")
@@ -123,3 +141,5 @@ print(f"seed:             {seed}")
 print(f"max_seq_len:      {prepare.MAX_SEQ_LEN}")
 print(f"time_budget:      {time_budget}")
 print(f"eval_tokens:      {prepare.EVAL_TOKENS}")
+if MODE == "exit_after":  # a summary, then a failure
+    sys.exit(3)

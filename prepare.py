@@ -702,7 +702,7 @@ def evaluate_bpb(model, tokenizer, batch_size):
     tokens gets no score.
     """
     if SCORER:
-        return score_by_driver(model, batch_size)
+        return score_by_driver(model, tokenizer, batch_size)
     n_rows = EVAL_TOKENS // MAX_SEQ_LEN
     if n_rows == 0:
         fail(f"EVAL_TOKENS={EVAL_TOKENS} is less than one row of MAX_SEQ_LEN={MAX_SEQ_LEN} tokens")
@@ -735,7 +735,7 @@ def model_logits(model, x):
     return logits
 
 
-def score_by_driver(model, batch_size):
+def score_by_driver(model, tokenizer, batch_size):
     """Under the driver: save the weights (before any validation input is seen), then answer the
     driver's scorer, which holds the rows and their targets outside the sandbox, sends the inputs one
     batch at a time and computes the metric itself; it checks the answers of a run that could be kept
@@ -752,8 +752,8 @@ def score_by_driver(model, batch_size):
     def score(x):
         x = torch.from_numpy(x.astype(np.int64)).to("cuda" if cuda else "cpu")
         logits = model_logits(model, x)
-        if not scored:
-            check_causal(model, x, logits, logits.size(-1))
+        if not scored:  # (a clear message early; the driver's check is what counts)
+            check_causal(model, x, logits, tokenizer.get_vocab_size())
             scored.append(True)
         logp = -F.cross_entropy(logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten(), reduction="none")
         return logp.view(x.size(0), -1).cpu().numpy(), logits[:, -1].float().cpu().numpy()

@@ -8,7 +8,7 @@ import statistics
 import time
 from pathlib import Path
 
-from autoresearch import decisions, notebook, proposals, records
+from autoresearch import decisions, notebook, proposals, records, training
 from autoresearch.records import Best, Final, git
 
 BASE_SEED = 42                     # seed of every first run; repeats take BASE_SEED+1, +2, ...
@@ -53,7 +53,8 @@ def next_step(ctx, night, p):
     if not cand:
         return ("wait",) if running(ctx, p) else ("run", "candidate", BASE_SEED)
     if cand[0].val_bpb is None:  # the attempt's first run failed
-        if p.kind == "baseline" or p.attempt - len(p.rebased_attempts) >= ctx.fix_attempts:  # (rebases are no fixes)
+        if p.kind == "baseline" or p.attempt - len(p.rebased_attempts) >= ctx.fix_attempts \
+                or not training.fixable(cand[0].failure):  # (rebases are no fixes)
             return ("record", "crash", "")
         return ("fix", cand[0])
     if p.kind == "baseline":  # its noise runs may train side by side on free slots

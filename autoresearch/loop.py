@@ -288,14 +288,15 @@ def start_run(ctx, night, events, slot, p, role, seed):
     log_path = experiment.free_log(p, [s.job[4] for s in experiment.running(ctx, p)])
     if seed != experiment.BASE_SEED:
         night.next_seed = max(night.next_seed, seed)
-    slots.start(slot, ctx, night, (p.n, role, seed, commit, log_path), events, check_below(night, p, role),
+    slots.start(slot, ctx, night, (p.n, role, seed, commit, log_path), events, check_below(ctx, night, p, role),
                 fill_cache=p.kind == "baseline" and not p.runs and not experiment.running(ctx, p))
 
 
-def check_below(night, p, role):
+def check_below(ctx, night, p, role):
     """A run scoring below this is checked (scoring.check) before its score counts: every run of the
-    baseline and of the best, and an idea's run that beats its parent or the best: any that could be kept."""
-    if p.kind == "baseline" or role != "candidate":
+    baseline and of the best, every repeat (its value joins the noise floor), and an idea's first run
+    when it beats its parent or the best: every run whose number a keep or the noise floor can use."""
+    if p.kind == "baseline" or role != "candidate" or experiment.attempt_runs(p) or experiment.running(ctx, p):
         return math.inf
     means = [statistics.fmean(v) for v in (night.groups.get(p.parent), night.best_vals) if v]
     return max(means) if means else math.inf

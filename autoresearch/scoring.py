@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import socket
+import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -29,7 +30,10 @@ CHECK_ATOL_NATS = 0.05             # one position's log-probability may differ b
 CHECK_MEAN_NATS = 0.002            # ... and their mean (the score's bias) by this much
 LOGP_SLACK = 1e-3                  # a claimed log-probability above this is a probability above 1
 HEADER_MAX_BYTES = 1 << 16         # one message's JSON header, at most
-POLL_S = 0.5                       # how often a blocked read checks whether the session is over
+WEIGHTS_MAX_BYTES = 16 << 30       # saved weights, at most (the default model's: ~140 MB)
+VOCAB_PAD_MAX = 4                  # a model's logits may be padded up to this many times the vocabulary
+POLL_S = 0.5                       # how often a listener checks whether the session is over
+IO_TIMEOUT_S = 5.0                 # a read polls the session's end this often; a send may stall this long
 WEIGHTS_NAME = "model.safetensors"  # what the model's process saves in its run directory
 
 
@@ -76,13 +80,15 @@ def receive(conn, expect=None, stop=None):
     try:
         header = json.loads(bytes(read_exact(conn, size, stop)))
         specs = [(np.dtype(d), tuple(int(n) for n in shape)) for d, shape in header.pop("arrays")]
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
-        raise ProtocolError(f"an unreadable message header ({error})")
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError) as error:
+        raise ProtocolError(f"an unreadable message header ({type(error).__name__})")
     if expect is not None:
         if len(specs) != len(expect):
             raise ProtocolError(f"{len(specs)} arrays where {len(expect)} were asked for")
-        for (dtype, shape), (allowed, want) in zip(specs, expect):
-            if dtype.str not in allowed or shape != tuple(want):
+        for (dtype, shape), (allowed, want) in zip(specs, expect):  # a (low, high) in `want`: the peer's choice
+            fits = len(shape) == len(want) and all(n == w if isinstance(w, int) else w[0] <= n <= w[1]
+                                                   for n, w in zip(shape, want))
+            if dtype.str not in allowed or not fits:
                 raise ProtocolError(f"an array of {dtype} {shape} where {'/'.join(allowed)} {tuple(want)} was asked for")
     arrays = [np.frombuffer(read_exact(conn, dtype.itemsize * math.prod(shape), stop), dtype).reshape(shape)
               for dtype, shape in specs]
@@ -116,7 +122,9 @@ def serve(path, hello, score, probe):
 # The driver's side (trusted): the validation rows, the score, the check
 # ---------------------------------------------------------------------------
 
+_rows_lock = threading.Lock()
 FLOATS = ("<f4", "<f8")
+AUTOCASTS = ("", "bfloat16", "float16")  # the dtypes a model may be scored under (the check uses the same)
 _rows_cache = {}
 
 
@@ -124,19 +132,20 @@ def validation(prepare):
     """(rows (n, T+1) of the val stream, token byte lengths (V,)) from the hashed prepare.py, read
     once per process (every run of a night is scored on the same rows)."""
     key = (id(prepare), getattr(prepare, "CACHE_DIR", None))
-    if key not in _rows_cache:
-        rows, token_bytes = prepare.eval_rows()
-        _rows_cache.clear()
-        _rows_cache[key] = (np.asarray(rows), np.asarray(token_bytes, dtype=np.int64))  # (rows as stored: uint16)
-    return _rows_cache[key]
+    with _rows_lock:
+        if key not in _rows_cache:
+            rows, token_bytes = prepare.eval_rows()
+            _rows_cache.clear()
+            _rows_cache[key] = (np.asarray(rows), np.asarray(token_bytes, dtype=np.int64))  # (as stored: uint16)
+        return _rows_cache[key]
 
 
 def log_softmax_at(logits, targets):
     """log p(target) of each row of logits (float64, computed here: never trusted from the model)."""
-    logits = np.asarray(logits, dtype=np.float64)
+    logits = np.asarray(logits)
     top = logits.max(axis=1, keepdims=True)
-    lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-    return logits[np.arange(len(targets)), targets] - lse
+    lse = top[:, 0].astype(np.float64) + np.log(np.exp(logits - top).sum(axis=1, dtype=np.float64))
+    return logits[np.arange(len(targets)), targets].astype(np.float64) - lse
 
 
 @dataclass
@@ -149,15 +158,17 @@ class Score:
     weights: Path                    # the trusted copy of the weights saved before scoring
     weights_sha256: str
     cache: Path | None               # the compile cache as it was before scoring (sandboxed runs)
+    width: int                       # the model's logits per position (the vocabulary, or padded)
+    log_bytes: int                   # the log's size when scoring began (what it printed after may hold val inputs)
 
 
 class Scorer:
     """Listens at `path` for the model's process; scores it in a thread of its own (start(), then
     finish() once the process has ended: the Score, or the reason there is none)."""
 
-    def __init__(self, prepare, path, run_files, trusted_dir, cache_layer=None):
+    def __init__(self, prepare, path, run_files, trusted_dir, cache_layer=None, log_path=None):
         self.prepare, self.path, self.run_files, self.trusted_dir = prepare, str(path), Path(run_files), Path(trusted_dir)
-        self.cache_layer = cache_layer
+        self.cache_layer, self.log_path = cache_layer, log_path
         self.stop, self.result = threading.Event(), None
         self.error = ("no val_bpb: train.py ended without having its model scored (it must call "
                       "prepare.evaluate_bpb(model, tokenizer, batch_size) once training has ended)")
@@ -176,44 +187,53 @@ class Scorer:
         self.thread.join(wait_s)
         self.stop.set()
         self.thread.join()
-        self.listener.close()
         return (self.result, "") if self.result else (None, self.error)
 
     def session(self):
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(POLL_S)
+        """One connection, scored; then nobody else may connect (a second evaluate_bpb fails at once)."""
+        try:
+            while not self.stop.is_set():
                 try:
-                    self.result = self.score(conn)
-                except (ProtocolError, OSError) as error:  # (OSError: it closed the connection on us)
-                    self.error = f"refused: the model's scoring broke the protocol: {error}"
-            return
+                    conn, _ = self.listener.accept()
+                except socket.timeout:
+                    continue
+                with conn:
+                    conn.settimeout(IO_TIMEOUT_S)
+                    try:
+                        self.result = self.score(conn)
+                    except (ProtocolError, OSError) as error:  # (OSError: it closed the connection on us)
+                        self.error = f"refused: the model's scoring broke the protocol: {error}"
+                    except (Exception, SystemExit) as error:  # noqa: BLE001 (the driver's side: say so, go on)
+                        self.error = f"the driver could not score the run: {type(error).__name__}: {error}"
+                return
+        finally:
+            self.listener.close()
+            Path(self.path).unlink(missing_ok=True)
 
     def score(self, conn):
         """Hello (the weights are saved), then every val row's inputs, one batch at a time."""
         header, _ = receive(conn, [], self.stop)
-        batch_size = header.get("batch_size")
-        if header.get("kind") != "hello" or not isinstance(batch_size, int) or batch_size < 1:
-            raise ProtocolError("the first message must be a hello with the batch size")
+        log_bytes = os.path.getsize(self.log_path) if self.log_path else 0
+        batch_size, autocast = header.get("batch_size"), header.get("autocast")
+        if header.get("kind") != "hello" or type(batch_size) is not int or batch_size < 1 or autocast not in AUTOCASTS:
+            raise ProtocolError(f"the first message must be a hello with the batch size and an autocast dtype "
+                                f"({', '.join(map(repr, AUTOCASTS))})")
         weights, digest = copy_weights(self.run_files / WEIGHTS_NAME, self.trusted_dir)
         cache = None
         if self.cache_layer is not None:  # as it is now, before the model sees any validation input
-            cache = self.trusted_dir / "compile-cache"
-            shutil.copytree(self.cache_layer, cache, symlinks=True, ignore_dangling_symlinks=True)
+            cache = copy_files(self.cache_layer, self.trusted_dir / "compile-cache")
         rows, token_bytes = validation(self.prepare)
         n, T, V = rows.shape[0], rows.shape[1] - 1, len(token_bytes)
+        batch_size, width = min(batch_size, n), (V, VOCAB_PAD_MAX * V)
         nats = np.empty((n, T), dtype=np.float64)
+        send(conn, {"kind": "score"}, rows[:batch_size, :-1])
         for lo in range(0, n, batch_size):
-            x, y = rows[lo:lo + batch_size, :-1], rows[lo:lo + batch_size, 1:]
-            b = len(x)
-            send(conn, {"kind": "score"}, x)
-            _, (logp, last) = receive(conn, [(FLOATS, (b, T - 1)), (FLOATS, (b, V))], self.stop)
+            y = rows[lo:lo + batch_size, 1:]
+            b = len(y)
+            _, (logp, last) = receive(conn, [(FLOATS, (b, T - 1)), (FLOATS, (b, width))], self.stop)
+            if lo + batch_size < n:  # the next batch goes out now (this one is answered): checked while it runs
+                send(conn, {"kind": "score"}, rows[lo + batch_size:lo + 2 * batch_size, :-1])
+            width = last.shape[1]  # (the first answer fixes it)
             logp = logp.astype(np.float64)
             if not np.isfinite(logp).all() or not np.isfinite(last).all():
                 raise ProtocolError(f"a log-probability or logit that is not finite (rows {lo}-{lo + b - 1})")
@@ -224,7 +244,7 @@ class Scorer:
             nats[lo:lo + b, -1] = -log_softmax_at(last, y[:, -1])
         val_bpb = bits_per_byte(nats, rows[:, 1:], token_bytes)
         send(conn, {"kind": "done", "val_bpb": val_bpb})
-        return Score(val_bpb, nats, batch_size, str(header.get("autocast") or ""), weights, digest, cache)
+        return Score(val_bpb, nats, batch_size, autocast, weights, digest, cache, width, log_bytes)
 
 
 def bits_per_byte(nats, targets, token_bytes):
@@ -233,17 +253,59 @@ def bits_per_byte(nats, targets, token_bytes):
     return float(np.where(nbytes > 0, nats, 0.0).sum() / (math.log(2) * nbytes.sum()))
 
 
+NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def copy_files(src, dst):
+    """A copy of the regular files and folders under src, which a run wrote and may still be changing:
+    every file and folder is opened without following links and checked once open (a link swapped
+    in after a listing, a FIFO, a device: left out); returns dst."""
+    def copy_dir(src_fd, dst_path):
+        os.mkdir(dst_path, 0o700)
+        for entry in list(os.scandir(src_fd)):
+            try:
+                fd = os.open(entry.name, NOFOLLOW, dir_fd=src_fd)
+            except OSError:
+                continue  # a link, or gone
+            try:
+                kind = os.fstat(fd).st_mode
+                if stat.S_ISDIR(kind):
+                    copy_dir(fd, os.path.join(dst_path, entry.name))
+                elif stat.S_ISREG(kind):
+                    with open(fd, "rb", closefd=False) as f, open(os.path.join(dst_path, entry.name), "wb") as out:
+                        shutil.copyfileobj(f, out, 1 << 22)
+            finally:
+                os.close(fd)
+    root = os.open(src, NOFOLLOW | os.O_DIRECTORY)
+    try:
+        copy_dir(root, dst)
+    finally:
+        os.close(root)
+    return Path(dst)
+
+
 def copy_weights(saved, trusted_dir):
-    """The weights the model's process saved, copied where it cannot write, and their sha256."""
+    """The weights the model's process saved, copied where it cannot write (opened without following
+    a link, a regular file of bounded size), and their sha256."""
     import hashlib
-    if not saved.is_file() or saved.is_symlink():
-        raise ProtocolError(f"no saved weights at {saved} when scoring began")
-    trusted_dir.mkdir(parents=True, exist_ok=True)
-    copy, h = trusted_dir / WEIGHTS_NAME, hashlib.sha256()
-    with open(saved, "rb") as src, open(copy, "wb") as dst:
-        for chunk in iter(lambda: src.read(1 << 22), b""):
-            h.update(chunk)
-            dst.write(chunk)
+    try:
+        fd = os.open(saved, NOFOLLOW)
+    except OSError:
+        raise ProtocolError(f"no saved weights (a regular file) at {saved} when scoring began")
+    with os.fdopen(fd, "rb") as src:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > WEIGHTS_MAX_BYTES:
+            raise ProtocolError(f"the saved weights at {saved} are not a regular file of at most "
+                                f"{WEIGHTS_MAX_BYTES >> 30} GiB")
+        trusted_dir.mkdir(parents=True, exist_ok=True)
+        copy, h, left = trusted_dir / WEIGHTS_NAME, hashlib.sha256(), WEIGHTS_MAX_BYTES
+        with open(copy, "wb") as dst:
+            while chunk := src.read(min(1 << 22, left + 1)):
+                left -= len(chunk)
+                if left < 0:
+                    raise ProtocolError(f"the saved weights grew past {WEIGHTS_MAX_BYTES >> 30} GiB while copied")
+                h.update(chunk)
+                dst.write(chunk)
     return copy, h.hexdigest()
 
 
@@ -258,9 +320,9 @@ def draw_probes(score, rows, token_bytes, positions=None):
     rng = random.SystemRandom()
     n, T = score.nats.shape
     want = positions or CHECK_POSITIONS
-    k = -(-want // score.batch_size) * score.batch_size
+    k = -(-want // probe_batch(score, want)) * probe_batch(score, want)
     counted = np.flatnonzero(token_bytes[rows[:, 1:]].ravel() > 0)
-    picks = counted[[rng.randrange(len(counted)) for _ in range(k)]]
+    picks = counted[[rng.randrange(len(counted)) for _ in range(k)]] if len(counted) else counted
     r, t = picks // T, picks % T
     x = rows[r, :T].copy()
     noise = np.random.default_rng(rng.getrandbits(64)).integers(0, len(token_bytes), size=x.shape)
@@ -269,41 +331,59 @@ def draw_probes(score, rows, token_bytes, positions=None):
     return r, t, x
 
 
+def probe_batch(score, want):
+    """The check's batch: the scoring batch (the same kernels), unless that is more than the probes."""
+    return min(score.batch_size, want)
+
+
 def check(score, prepare, path, launch, stop_s, positions=None):
-    """Serve the probes at `path` to the process launch() starts (returns its Popen); "" when its
-    log-probabilities agree with the claimed ones, else why the score is refused."""
+    """Serve the probes at `path` (in a folder no run can write) to the process launch() starts
+    (returns its Popen, a process group of its own); "" when its log-probabilities agree with the
+    claimed ones, else why the score is refused."""
     rows, token_bytes = validation(prepare)
     r, t, x = draw_probes(score, rows, token_bytes, positions)
-    targets = rows[r, t + 1]
-    V, b = len(token_bytes), score.batch_size
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(1)
-    listener.settimeout(POLL_S)
-    proc, stop, verified = launch(), threading.Event(), np.empty(len(r))
+    if not len(r):
+        return ""  # no target is scored (every one has 0 bytes): nothing a model could gain
+    targets, b = rows[r, t + 1].astype(np.int64), probe_batch(score, positions or CHECK_POSITIONS)
+    stop, verified, proc, listener = threading.Event(), np.empty(len(r)), None, None
     timer = threading.Timer(stop_s, stop.set)
     timer.start()
     try:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(1)
+        listener.settimeout(POLL_S)
+        proc = launch()
         conn = accept(listener, proc, stop)
         with conn:
-            conn.settimeout(POLL_S)
+            conn.settimeout(IO_TIMEOUT_S)
             receive(conn, [], stop)
             for lo in range(0, len(r), b):
                 send(conn, {"kind": "probe"}, x[lo:lo + b], t[lo:lo + b].astype(np.int64))
-                _, (logits,) = receive(conn, [(FLOATS, (b, V))], stop)
+                _, (logits,) = receive(conn, [(FLOATS, (b, score.width))], stop)
                 if not np.isfinite(logits).all():
-                    raise ProtocolError("a logit that is not finite")
+                    raise ProtocolError("sent a logit that is not finite")
                 verified[lo:lo + b] = -log_softmax_at(logits, targets[lo:lo + b])
             send(conn, {"kind": "done", "val_bpb": score.val_bpb})
     except (ProtocolError, OSError) as error:
         return f"refused: the check of the score failed: the checking process {error}"
     finally:
         timer.cancel()
-        listener.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        if listener is not None:
+            listener.close()
+        if proc is not None:
+            end_group(proc)
     return compare(score.nats[r, t], verified, r, t)
+
+
+def end_group(proc):
+    """SIGKILL a process group of its own (the checking process and whatever it started)."""
+    import signal
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 def accept(listener, proc, stop):
@@ -341,8 +421,9 @@ def remove(*paths):
 
 
 def short_socket_dir():
-    """A private directory with a short path (a Unix socket's path has at most 107 bytes)."""
+    """A private directory in /tmp, which every sandbox replaces with its own (so no run sees another
+    run's), with a short path (a Unix socket's path has at most 107 bytes)."""
     import tempfile
-    d = tempfile.mkdtemp(prefix="ar-")
+    d = tempfile.mkdtemp(prefix="ar-", dir="/tmp")
     os.chmod(d, 0o700)
     return Path(d)

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +119,15 @@ def parse_summary(block):
     return dict(re.findall(r"^([a-z_]+):[ \t]+(\S+)[ \t]*$", block, re.M))
 
 
+SCORED_THEN_FAILED = "refused: train.py exited with code"  # a run that knew its score: no fix, no second draw
+
+
+def fixable(failure):
+    """Whether a failed run may go back to the LLM for a fix: not one that failed after it was scored
+    (it knew its score, so failing then could buy another draw)."""
+    return not failure.startswith(SCORED_THEN_FAILED)
+
+
 def impossible(val_bpb):
     """Why the driver's own score cannot be a model's ("" when it can)."""
     if VAL_BPB_RANGE[0] < val_bpb < VAL_BPB_RANGE[1]:
@@ -164,44 +172,65 @@ def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(
     start = time.time()
     files = Path(log_path).with_name(Path(log_path).stem + "-files")  # the run's own directory, for what it writes
     files.mkdir(parents=True, exist_ok=True)
-    sock_dir, trusted = scoring.short_socket_dir(), Path(tempfile.mkdtemp(prefix="autoresearch-scored-"))
-    argv = [sys.executable, "train.py"]
-    extra = {**(extra_env or {}), "AUTORESEARCH_RUN_DIR": str(files), "AUTORESEARCH_SCORER": str(sock_dir / "s"),
-             "PYTHONPATH": python_path()}
-    boxed = bool(sandbox and sandbox.bwrap)
-    layer = files / "compile-cache" if boxed else None
-    box = dict(readable=[cache_dir, *readable, PACKAGE_ROOT], hidden=[*hidden, *prepare.validation_files()]) if boxed else {}
-    if boxed:
-        start_cache(Path(cache_dir), layer)
-        extra.update(AUTORESEARCH_CACHE=str(cache_dir), TRITON_CACHE_DIR=str(cache_path(cache_dir) / "triton-home"))
-        argv = sandbox.wrap(argv, repo, writable=[files, sock_dir, (layer, cache_path(cache_dir))], **box)
-    elif die_with_parent:
-        argv = [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), "train.py"]
-    scorer = scoring.Scorer(prepare, sock_dir / "s", files, trusted, layer).start()
+    sock_dir, trusted = scoring.short_socket_dir(), scoring.short_socket_dir()  # (in /tmp: no sandbox sees them)
+    scorer = None
     try:
+        argv = [sys.executable, "train.py"]
+        extra = {**(extra_env or {}), "AUTORESEARCH_RUN_DIR": str(files), "AUTORESEARCH_SCORER": str(sock_dir / "s"),
+                 "PYTHONPATH": python_path()}
+        boxed = bool(sandbox and sandbox.bwrap)
+        layer = trusted / "layer" if boxed else None  # the run's own compile cache (its path hidden from the run)
+        box = dict(readable=[cache_dir, *readable, PACKAGE_ROOT],
+                   hidden=[*hidden, *prepare.validation_files()]) if boxed else {}
+        if boxed:
+            start_cache(Path(cache_dir), layer)
+            extra.update(AUTORESEARCH_CACHE=str(cache_dir), TRITON_CACHE_DIR=str(cache_path(cache_dir) / "triton-home"))
+            argv = sandbox.wrap(argv, repo, writable=[files, sock_dir, (layer, cache_path(cache_dir))], **box)
+        elif die_with_parent:
+            argv = [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), "train.py"]
+        scorer = scoring.Scorer(prepare, sock_dir / "s", files, trusted, layer, log_path).start()
         with open(log_path, "wb") as log:
             returncode, timed_out = run_group(argv, repo, log, training_env(seed, pass_env, extra), timeout_s, pid_file)
         score, unscored = scorer.finish()
         seconds = time.time() - start
         log_text = read_tail(log_path)
+        if score:
+            set_aside_scored_output(log_path, score.log_bytes, log_text)
         if timed_out:
             failure = f"timed out after {timeout_s:.0f} s (the whole process group was killed)"
         elif returncode != 0:
-            failure = f"refused: train.py exited with code {returncode} after its model was scored (a run must " \
-                "exit with 0)" if score else f"no val_bpb: train.py exited with code {returncode} before its model was scored"
+            failure = f"{SCORED_THEN_FAILED} {returncode} after its model was scored (a run must exit with 0)" \
+                if score else f"no val_bpb: train.py exited with code {returncode} before its model was scored"
         else:
             failure = unscored or summary_failure(log_text, returncode, settings, seed) or impossible(score.val_bpb)
         if not failure and score.val_bpb < check_below:
-            failure = check_score(score, repo, prepare, sock_dir, trusted, pass_env, seed, extra_env, sandbox,
-                                  cache_dir, box, timeout_s)
+            failure = check_score(score, repo, prepare, trusted, pass_env, seed, extra_env, sandbox, cache_dir, box,
+                                  timeout_s)
         if not failure and fill_cache and boxed:
-            trust_cache(Path(cache_dir), layer)
+            trust_cache(Path(cache_dir), score.cache)  # (as it was before any validation input was seen)
     finally:
-        scoring.remove(sock_dir, trusted, layer)
+        if scorer is not None:
+            scorer.finish(wait_s=0)
+        scoring.remove(sock_dir, trusted, files / scoring.WEIGHTS_NAME)
     if failure:
         return RunResult(None, 0.0, seconds, failure)
     vram_mb = number(parse_summary(summary_blocks(log_text)[0]).get("peak_vram_mb"))
     return RunResult(score.val_bpb, vram_mb if math.isfinite(vram_mb) else 0.0, seconds, "")
+
+
+def set_aside_scored_output(log_path, scored_at, log_text):
+    """What train.py printed once its scoring began (it may hold validation inputs) goes to a file of
+    its own, which no model is shown; the log keeps what came before, and the summary block."""
+    log_path = Path(log_path)
+    with open(log_path, "rb") as f:
+        before = f.read(scored_at)
+        after = f.read()
+    scored = log_path.with_name(log_path.stem + "-scored.log")
+    scored.write_bytes(after)
+    blocks = summary_blocks(log_text)
+    summary = f"---\n{blocks[-1].strip()}\n" if blocks else ""
+    write_atomic(log_path, before.decode(errors="replace") + f"\n[{len(after):,} bytes printed once the model's "
+                 f"scoring began are in {scored.name}, which no model is shown]\n" + summary)
 
 
 def run_group(argv, cwd, log, env, timeout_s, pid_file):
@@ -223,10 +252,19 @@ def run_group(argv, cwd, log, env, timeout_s, pid_file):
     return proc.returncode, timed_out
 
 
-def check_score(score, repo, prepare, sock_dir, trusted, pass_env, seed, extra_env, sandbox, cache_dir, box, timeout_s):
+def check_score(score, repo, prepare, trusted, pass_env, seed, extra_env, sandbox, cache_dir, box, timeout_s):
     """The check of a score (scoring.check): a fresh process, in a folder of its own with train.py,
-    prepare.py and the weights saved before scoring, sees only the probes; "" when it agrees."""
-    work = trusted / "check"
+    prepare.py and the weights saved before scoring, sees only the probes; "" when it agrees. A failure
+    of the driver's own is a refusal that says so, never the end of the night."""
+    try:
+        return check_in(trusted / "check", score, repo, prepare, pass_env, seed, extra_env, sandbox, cache_dir, box,
+                        timeout_s)
+    except Exception as error:  # noqa: BLE001
+        return f"refused: the driver could not check the score: {type(error).__name__}: {error}"
+
+
+def check_in(work, score, repo, prepare, pass_env, seed, extra_env, sandbox, cache_dir, box, timeout_s):
+    sock_dir = scoring.short_socket_dir()  # (no run has seen it)
     work.mkdir()
     for name in ("train.py", "prepare.py"):
         shutil.copy(Path(repo) / name, work / name)
@@ -236,10 +274,9 @@ def check_score(score, repo, prepare, sock_dir, trusted, pass_env, seed, extra_e
     extra = {**(extra_env or {}), "AUTORESEARCH_RUN_DIR": str(work), "AUTORESEARCH_SCORER": str(sock_dir / "check"),
              "AUTORESEARCH_CHECK_AUTOCAST": score.autocast, "PYTHONPATH": python_path()}
     argv = [sys.executable, "-c", "import prepare; prepare.serve_saved_model()"]
-    if sandbox and sandbox.bwrap:
-        cache = score.cache
+    if sandbox and sandbox.bwrap:  # its compile cache: the run's, as it was before scoring began
         extra.update(AUTORESEARCH_CACHE=str(cache_dir), TRITON_CACHE_DIR=str(cache_path(cache_dir) / "triton-home"))
-        argv = sandbox.wrap(argv, work, writable=[work, sock_dir, (cache, cache_path(cache_dir))], **box)
+        argv = sandbox.wrap(argv, work, writable=[work, sock_dir, (score.cache, cache_path(cache_dir))], **box)
     log = open(work / "check.log", "wb")
 
     def launch():
@@ -249,9 +286,10 @@ def check_score(score, repo, prepare, sock_dir, trusted, pass_env, seed, extra_e
         failure = scoring.check(score, prepare, sock_dir / "check", launch, timeout_s)
     finally:
         log.close()
+        scoring.remove(sock_dir)
     if failure:
-        tail = read_tail(work / "check.log").strip().splitlines()[-3:]
-        failure += ("; its last lines: " + " | ".join(tail)) if tail and "exited" in failure else ""
+        tail = read_tail(work / "check.log", 4096).strip().splitlines()[-3:]
+        failure += ("; its last lines: " + " | ".join(tail))[:600] if tail and "exited" in failure else ""
     return failure
 
 
@@ -283,7 +321,7 @@ def start_cache(cache_dir, layer):
     shutil.rmtree(layer, ignore_errors=True)
     trusted.mkdir(parents=True, exist_ok=True)  # (where the run's copy is mounted)
     if manifest and trusted.is_dir():
-        shutil.copytree(trusted, layer, symlinks=True)
+        scoring.copy_files(trusted, layer)
         if cache_files(layer) == manifest:
             return
         print(f"note: the compile cache {trusted} changed since a trusted run filled it; runs start from "
@@ -297,7 +335,7 @@ def trust_cache(cache_dir, layer):
     """A trusted run's copy of the compile cache becomes the one later runs start from."""
     trusted, fresh = cache_path(cache_dir), Path(f"{cache_path(cache_dir)}.new")
     shutil.rmtree(fresh, ignore_errors=True)
-    shutil.copytree(layer, fresh, symlinks=True)
+    scoring.copy_files(layer, fresh)
     manifest_path(cache_dir).unlink(missing_ok=True)
     old = Path(f"{trusted}.old")
     shutil.rmtree(old, ignore_errors=True)

@@ -4,7 +4,12 @@ and the check's probes (CHECK_POSITIONS rows out, one logits row each back), aga
 that answers at once (zeros): the model's own forward passes are the same as the in-process metric's
 and are not counted here. Also the weights' copy and hash at the default model's size.
 
-Usage: python bench/bench_scoring.py [--rows 10240] [--seq-len 2048] [--batch 128]
+With --real-cpu: the real train.py, small (the tests' sizes), trained on this CPU on the tests'
+sample corpus and run by the driver's run_training, with and without the check, in the sandbox
+where bubblewrap works: what a check adds to a run end to end (its process, the model's build, the
+weights' load and the probes' forward passes).
+
+Usage: python bench/bench_scoring.py [--rows 10240] [--seq-len 2048] [--batch 128] [--real-cpu]
 """
 
 import argparse
@@ -36,8 +41,11 @@ def main():
     parser.add_argument("--batch", type=int, default=128, help="the model's eval batch (DEVICE_BATCH_SIZE)")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--weights-mb", type=int, default=140, help="the saved weights (the default model: ~140 MB)")
+    parser.add_argument("--real-cpu", action="store_true", help="also time real small runs, checked and not")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
+    if args.real_cpu:
+        real_cpu_runs()
 
     class Rows:  # the prepare module's side, at the given sizes
         CACHE_DIR = "bench"
@@ -75,6 +83,43 @@ def main():
           f"weights {args.weights_mb} MB copied and hashed)")
     print(f"check of a run: {check_s:.2f} s wall, client start included "
           f"({-(-scoring.CHECK_POSITIONS // args.batch) * args.batch} probes; verdict: {failure[:60] or 'agrees'})")
+
+
+def real_cpu_runs():
+    """Two small real runs each way (the check off, then on): seconds of run_training."""
+    import importlib
+    import os
+    import re
+    import shutil
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tests"))
+    from driver_helpers import SMALL_TRAIN
+
+    from autoresearch import sandbox, training
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        settings = {"max_seq_len": 128, "time_budget": 2, "eval_tokens": 16 * 128}
+        os.environ.update({f"AUTORESEARCH_{k.upper()}": str(v) for k, v in settings.items()},
+                          AUTORESEARCH_CACHE=str(d / "cache"))
+        subprocess.run([sys.executable, "prepare.py", "--data", "tests/data/sample"], cwd=root, check=True,
+                       capture_output=True)
+        sys.path.insert(0, str(root))
+        prepare = importlib.import_module("prepare")
+        source = (root / "train.py").read_text()
+        for name, value in SMALL_TRAIN.items():
+            source = re.sub(rf"^{name} = [^#\n]*?(\s*#|$)", rf"{name} = {value}\1", source, count=1, flags=re.M)
+        box = sandbox.choose("auto", False, root)
+        for label, below in (("unchecked", 0.0), ("checked", float("inf"))) * 2:
+            work = d / f"work-{label}"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            shutil.copy(root / "prepare.py", work)
+            (work / "train.py").write_text(source)
+            result = training.run_training(work, d / f"{label}.log", 42, 600, settings, d / "pid", sandbox=box,
+                                           cache_dir=prepare.CACHE_DIR, prepare=prepare, check_below=below)
+            print(f"real CPU run ({box.describe()}), {label}: {result.seconds:.1f} s, val_bpb {result.val_bpb}, "
+                  f"{scoring.CHECK_POSITIONS} positions{'' if label == 'checked' else ' (not checked)'} "
+                  f"{result.failure}", flush=True)
 
 
 if __name__ == "__main__":

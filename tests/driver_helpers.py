@@ -16,7 +16,7 @@ from fake_anthropic import FakeAnthropic
 MAIN = Path(__file__).resolve().parents[1]
 STANDINS = Path(__file__).resolve().parent / "standins"
 sys.path.insert(0, str(MAIN))
-from autoresearch import cli, llm, training  # noqa: E402
+from autoresearch import cli, llm, scoring, training  # noqa: E402
 
 BASE_LINE = "TRUE_BPB = 1.000000"
 MODE_LINE = 'MODE = "ok"'
@@ -59,6 +59,7 @@ def repo(tmp_path, fake, monkeypatch):
     monkeypatch.delenv("AUTORESEARCH_MODEL", raising=False)
     monkeypatch.setattr(llm, "LLM_BACKOFF_S", 0.01)
     monkeypatch.setattr(training, "KILL_GRACE_S", 0.5)
+    monkeypatch.setattr(scoring, "CHECK_POSITIONS", 64)  # (fewer probes, the same protocol: faster tests)
     monkeypatch.chdir(repo)
     return repo
 

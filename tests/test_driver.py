@@ -175,6 +175,22 @@ def test_failed_or_refused_runs_become_crash_rows(repo, fake, mode, says):
     assert branch_log(repo) == ["initial"]
 
 
+def test_a_run_that_fails_after_it_was_scored_gets_no_fix(repo, fake):
+    """It knew its score when it failed: a fix would give it another draw."""
+    fake.replies += [edit("exits 3", (MODE_LINE, 'MODE = "exit_after"'), (BASE_LINE, "TRUE_BPB = 0.500000"))]
+    assert run("--max-experiments", "1", "--fix-attempts", "2", "--greedy") == 0
+    assert [x["status"] for x in rows(repo)] == ["keep", "crash"] and len(fake.requests) == 1
+
+
+def test_what_a_run_printed_once_scored_is_kept_out_of_its_log(repo, fake):
+    """The inputs it is scored on (validation text) never reach a log the model is shown."""
+    fake.replies += [edit("echo", (MODE_LINE, 'MODE = "echo_inputs"'), (BASE_LINE, "TRUE_BPB = 0.900000"))]
+    assert run("--max-experiments", "1", "--greedy") == 0
+    log, scored = (repo / "runs/t/0001/train.log").read_text(), (repo / "runs/t/0001/train-scored.log").read_text()
+    assert "scored on [[1, 1" in scored and "scored on" not in log
+    assert "which no model is shown" in log and "val_bpb:          0.900000" in log and "trained from" in log
+
+
 def test_a_bad_tag_stops_with_one_line(repo, fake):
     with pytest.raises(SystemExit, match="use letters, digits"):
         cli.main(["--tag", "my run/1"])

@@ -109,15 +109,27 @@ def box():
 
 
 def train_once(tmp_path, prepare, source, sandboxed=True, seed=42, check_below=float("inf")):
-    """One run of `source` as the driver runs it; (RunResult, its run directory)."""
+    """One run of `source` as the driver runs it; (RunResult, a folder with the weights it saved)."""
     work = tmp_path / f"work-{seed}"
     work.mkdir()
     shutil.copy(REPO_ROOT / "prepare.py", work)
     (work / "train.py").write_text(source)
     log = tmp_path / f"train-{seed}.log"
-    result = training.run_training(work, log, seed, 300, SETTINGS, tmp_path / "train.pid", sandbox=box() if sandboxed
-                                   else None, cache_dir=prepare.CACHE_DIR, prepare=prepare, check_below=check_below)
-    return result, log.with_name(log.stem + "-files")
+    kept = tmp_path / f"weights-{seed}"
+    kept.mkdir()
+    copy_weights = scoring.copy_weights
+
+    def keeping_a_copy(saved, trusted_dir):  # (the run's own are removed with it)
+        shutil.copy(saved, kept / scoring.WEIGHTS_NAME)
+        return copy_weights(saved, trusted_dir)
+    scoring.copy_weights = keeping_a_copy
+    try:
+        result = training.run_training(work, log, seed, 300, SETTINGS, tmp_path / "train.pid",
+                                       sandbox=box() if sandboxed else None, cache_dir=prepare.CACHE_DIR,
+                                       prepare=prepare, check_below=check_below)
+    finally:
+        scoring.copy_weights = copy_weights
+    return result, kept
 
 
 def local_metric(prepare, files):
@@ -148,7 +160,7 @@ def test_the_driver_scores_the_real_model_as_the_metric_does_and_its_check_passe
     assert result.val_bpb == pytest.approx(local_metric(small, files), rel=1e-6, abs=0)
     log = (tmp_path / "train-42.log").read_text()
     assert f"val_bpb:          {result.val_bpb:.6f}" in log  # train.py prints the driver's number
-    assert not (files / "compile-cache").exists()  # the run's own copy of the cache is gone with it
+    assert not (tmp_path / "train-42-files" / scoring.WEIGHTS_NAME).exists()  # 140 MB a run at the defaults
 
 
 @pytest.mark.parametrize("cheat", ["patched_loss", "leak_in_later_rows", "stateful_after_probe"])
@@ -199,7 +211,7 @@ def session(tmp_path, client, weights=True):
     files.mkdir(exist_ok=True)
     if weights:
         (files / scoring.WEIGHTS_NAME).write_bytes(b"weights")
-    sock = scoring.short_socket_dir() / "s"
+    sock = session.last_path = scoring.short_socket_dir() / "s"
     scorer = scoring.Scorer(Rows, sock, files, tmp_path / "trusted").start()
 
     def talk():
@@ -243,6 +255,7 @@ def test_the_scorer_computes_bits_per_byte_itself(tmp_path):
     (lambda c: (hello(c), answer(c, logp_value=0.5)), "a probability above 1"),
     (lambda c: (hello(c), answer(c, logp_value=float("nan"))), "not finite"),
     (lambda c: (hello(c), answer(c, shape=(2, 9))), "where <f4/<f8 (2, 4) was asked for"),
+    (lambda c: (hello(c), answer(c, last=lambda b: np.zeros((b, 3)))), "where <f4/<f8 (2, (4, 16)) was asked for"),
     (lambda c: (hello(c), answer(c, last=lambda b: np.zeros((b, 4), dtype=np.int64))), "was asked for"),
     (lambda c: c.sendall(b"\xff\xff\xff\xff"), "a message header of 4294967295 bytes"),
     (lambda c: c.sendall(b"\x00\x00\x00\x02{]"), "an unreadable message header"),
@@ -303,3 +316,62 @@ def test_the_wire_format_round_trips(tmp_path):
     header, got = scoring.receive(b)
     assert header == {"kind": "x", "n": 1} and all((x == y).all() and x.dtype == y.dtype for x, y in zip(arrays, got))
     assert json.loads(json.dumps(header))
+
+
+def test_a_hello_out_of_bounds_is_clamped_or_refused(tmp_path):
+    """A batch larger than the rows is the rows; an autocast that is not a dtype name is refused."""
+    score, why = session(tmp_path, lambda c: (hello(c, batch_size=10**12), answer(c)))
+    assert why == "" and score.batch_size == 3
+    bad = lambda c: scoring.send(c, {"kind": "hello", "batch_size": 2, "autocast": "bfloat16\0x"})  # noqa: E731
+    score, why = session(tmp_path, bad)
+    assert score is None and "autocast dtype" in why
+
+
+def test_a_second_evaluate_bpb_fails_at_once_instead_of_hanging(tmp_path):
+    score, why = session(tmp_path, lambda c: (hello(c), answer(c)))
+    assert why == "" and not session.last_path.exists()  # the scorer's socket is gone with its session
+    with socket.socket(socket.AF_UNIX) as conn, pytest.raises(OSError):
+        conn.connect(str(session.last_path))
+
+
+def test_what_a_run_wrote_is_copied_as_regular_files_only(tmp_path):
+    """A FIFO in a run's compile cache would block a copy forever; a link could point anywhere."""
+    src = tmp_path / "layer"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "kernel.py").write_text("x")
+    os.mkfifo(src / "fifo")
+    (src / "link").symlink_to("/etc/passwd")
+    (src / "dirlink").symlink_to(tmp_path)
+    copy = scoring.copy_files(src, tmp_path / "copy")
+    assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == ["sub", "sub/kernel.py"]
+
+
+def test_saved_weights_that_are_a_link_or_a_fifo_are_refused(tmp_path):
+    files = tmp_path / "files"
+    files.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_text("the val tokens")
+    (files / scoring.WEIGHTS_NAME).symlink_to(secret)
+    with pytest.raises(scoring.ProtocolError, match="no saved weights"):
+        scoring.copy_weights(files / scoring.WEIGHTS_NAME, tmp_path / "t")
+    (files / scoring.WEIGHTS_NAME).unlink()
+    os.mkfifo(files / scoring.WEIGHTS_NAME)
+    with pytest.raises(scoring.ProtocolError, match="not a regular file"):
+        scoring.copy_weights(files / scoring.WEIGHTS_NAME, tmp_path / "t")
+
+
+def test_which_runs_are_checked():
+    """Every run of the baseline and of the best, every repeat, and a first run that beats its
+    parent or the best; a first run that does not can win nothing and is not checked."""
+    from types import SimpleNamespace
+
+    from autoresearch import loop
+    from autoresearch.records import Run
+    night = SimpleNamespace(groups={"parent": [1.0, 1.02], "best": [0.9]}, best_vals=[0.9])
+    idea = SimpleNamespace(kind="candidate", runs=[], attempt=0, parent="parent", n=1)
+    ctx = SimpleNamespace(slots=[])
+    assert loop.check_below(ctx, night, idea, "candidate") == pytest.approx(1.01)
+    assert loop.check_below(ctx, night, idea, "best") == float("inf")
+    assert loop.check_below(ctx, night, SimpleNamespace(**{**vars(idea), "kind": "baseline"}), "candidate") == float("inf")
+    idea.runs = [Run("candidate", 42, "c", 0, 1.1, 0.0, 1.0, "", "log")]
+    assert loop.check_below(ctx, night, idea, "candidate") == float("inf")  # a repeat

@@ -118,6 +118,8 @@ if MODE == "negative":
 model = prepare.ConstantModel(round(val_bpb, 6))  # (results.tsv's digits: sigma from rows = the journal's)
 if MODE == "cheat":  # claims a lower number than its weights give (as a patched loss would)
     model.logits = lambda x, honest=model.logits: prepare.ConstantModel(val_bpb - 0.3).logits(x)
+if MODE == "echo_inputs":  # prints what it is scored on
+    model.logits = lambda x, honest=model.logits: print(f"scored on {x.tolist()}", flush=True) or honest(x)
 if MODE == "fake_summary":  # prints a summary without having its model scored
     val_bpb -= 0.5
 else:

@@ -640,27 +640,30 @@ def pack_rows(doc_lens, row_len, order_of_epoch):
         yield pieces, epoch
 
 
-def packed_rows(tokens, offsets, row_len, split):
-    """Yield (row of row_len tokens, epoch) forever, packed as pack_rows says."""
+def row_slices(tokens, offsets, row_len, split):
+    """Yield (the token slices that make one row of row_len tokens, epoch) forever, as pack_rows packs."""
     starts, doc_lens = offsets[:-1].tolist(), np.diff(offsets).tolist()
     for pieces, epoch in pack_rows(doc_lens, row_len, lambda e: epoch_order(len(doc_lens), split, e)):
-        yield np.concatenate([tokens[starts[d]:starts[d] + n] for d, n in pieces]), epoch
+        yield [tokens[starts[d]:starts[d] + n] for d, n in pieces], epoch
 
 
 def make_dataloader(tokenizer, B, T, split):
     """Yield (inputs, targets, epoch) forever: int64 (B, T), on CUDA if available; rows as pack_rows."""
-    rows = packed_rows(*load_tokens(split, tokenizer), T + 1, split)
+    rows = row_slices(*load_tokens(split, tokenizer), T + 1, split)
     use_cuda = torch.cuda.is_available()
 
     def batches():
         while True:
-            batch = [next(rows) for _ in range(B)]
-            epoch = batch[-1][1]
+            slices = []
+            for _ in range(B):
+                row, epoch = next(rows)
+                slices += row
+            batch = np.concatenate(slices).reshape(B, T + 1)
             # A fresh (pinned) host tensor per batch: the caching host allocator hands its memory
             # out again only after the asynchronous copy that reads it has finished.
             host = torch.empty((2, B, T), dtype=torch.int64, pin_memory=use_cuda)
             view = host.numpy()
-            view[0], view[1] = [np.stack([r[i:i + T] for r, _ in batch]) for i in (0, 1)]
+            view[0], view[1] = batch[:, :-1], batch[:, 1:]
             if use_cuda:
                 host = host.to("cuda", non_blocking=True)
             yield host[0], host[1], epoch
@@ -679,8 +682,8 @@ def eval_rows():
     n_rows = EVAL_TOKENS // MAX_SEQ_LEN
     if n_rows == 0:
         fail(f"EVAL_TOKENS={EVAL_TOKENS} is less than one row of MAX_SEQ_LEN={MAX_SEQ_LEN} tokens")
-    rows = packed_rows(*load_tokens("val", Tokenizer.from_directory()), MAX_SEQ_LEN + 1, "val")
-    return np.stack([next(rows)[0] for _ in range(n_rows)]), get_token_bytes().numpy()
+    rows = row_slices(*load_tokens("val", Tokenizer.from_directory()), MAX_SEQ_LEN + 1, "val")
+    return np.stack([np.concatenate(next(rows)[0]) for _ in range(n_rows)]), get_token_bytes().numpy()
 
 
 def validation_files():

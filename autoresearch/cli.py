@@ -7,6 +7,7 @@ Usage: python driver.py [--tag nov22] [--max-experiments N] [--deadline 07:30] [
 
 import argparse
 import datetime
+import faulthandler
 import importlib.util
 import os
 import re
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from autoresearch import cluster, decisions, experiment, llm, loop, records, sandbox, slots, training
+from autoresearch import cluster, decisions, experiment, llm, loop, records, sandbox, scoring, slots, training
 from autoresearch.records import Best, JournalDamaged, Night, git
 from autoresearch.report import report
 
@@ -126,6 +127,7 @@ def drive(args):
                        max_cost=args.max_cost, slots=work_slots,
                        lookahead=len(work_slots) if args.pipeline == "on" else 0, plateau=args.plateau)
     training.kill_stale_training(run_dir / "training.pid")  # (the driver before slots)
+    scoring.remove_stale_dirs()
     if not ctx.price_known:
         print(f"note: no price known for model {provider.model}: tokens are counted, cost is not, and --max-cost "
               "cannot be enforced (--price IN,OUT sets one; a local model: --price 0,0)", flush=True)
@@ -164,7 +166,9 @@ def drive(args):
 def handle_stop_signals():
     """SIGTERM and SIGHUP (a closed terminal, `kill`, a service manager) stop the run like Ctrl-C,
     so the training process group is ended; a signal set to be ignored (nohup) stays ignored.
-    Returns the previous handlers of SIGINT, SIGTERM and SIGHUP."""
+    SIGUSR1 prints every thread's stack (where a driver that seems stuck is). Returns the previous
+    handlers of SIGINT, SIGTERM and SIGHUP."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for s in (signal.SIGTERM, signal.SIGHUP):
         if previous[s] is not signal.SIG_IGN:

@@ -347,6 +347,7 @@ def check(score, prepare, path, launch, stop_s, positions=None):
     targets, b = rows[r, t + 1].astype(np.int64), probe_batch(score, positions or CHECK_POSITIONS)
     stop, verified, proc, listener = threading.Event(), np.empty(len(r)), None, None
     timer = threading.Timer(stop_s, stop.set)
+    timer.daemon = True  # (never what keeps a stopping driver alive)
     timer.start()
     try:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -422,8 +423,14 @@ def remove(*paths):
 
 def short_socket_dir():
     """A private directory in /tmp, which every sandbox replaces with its own (so no run sees another
-    run's), with a short path (a Unix socket's path has at most 107 bytes)."""
+    run's), with a short path (a Unix socket's path has at most 107 bytes) that names this process."""
     import tempfile
-    d = tempfile.mkdtemp(prefix="ar-", dir="/tmp")
-    os.chmod(d, 0o700)
-    return Path(d)
+    return Path(tempfile.mkdtemp(prefix=f"ar-{os.getpid()}-", dir="/tmp"))
+
+
+def remove_stale_dirs():
+    """The folders (weights, cache copies) that a driver killed with -9 left in /tmp."""
+    for d in Path("/tmp").glob("ar-*-*"):
+        pid = d.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)

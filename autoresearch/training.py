@@ -222,15 +222,16 @@ def set_aside_scored_output(log_path, scored_at, log_text):
     """What train.py printed once its scoring began (it may hold validation inputs) goes to a file of
     its own, which no model is shown; the log keeps what came before, and the summary block."""
     log_path = Path(log_path)
-    with open(log_path, "rb") as f:
-        before = f.read(scored_at)
-        after = f.read()
     scored = log_path.with_name(log_path.stem + "-scored.log")
-    scored.write_bytes(after)
     blocks = summary_blocks(log_text)
     summary = f"---\n{blocks[-1].strip()}\n" if blocks else ""
-    write_atomic(log_path, before.decode(errors="replace") + f"\n[{len(after):,} bytes printed once the model's "
-                 f"scoring began are in {scored.name}, which no model is shown]\n" + summary)
+    with open(log_path, "r+b") as log, open(scored, "wb") as out:
+        log.seek(scored_at)
+        shutil.copyfileobj(log, out, 1 << 20)  # (in chunks: a log can be any size)
+        log.seek(scored_at)
+        log.truncate()
+        log.write(f"\n[{out.tell():,} bytes printed once the model's scoring began are in {scored.name}, which "
+                  f"no model is shown]\n{summary}".encode())
 
 
 def run_group(argv, cwd, log, env, timeout_s, pid_file):

@@ -77,6 +77,7 @@ def main():
         t0 = time.perf_counter()
         failure = scoring.check(score, Rows, path, launch, 600)
         check_s = time.perf_counter() - t0
+        scoring.remove(sock.parent, path.parent)
     mb = args.rows * ((args.seq_len - 1) * 4 + args.vocab * 4 + args.seq_len * 2) / 2**20
     print(f"rows read once per driver: {rows_s:.2f} s ({args.rows} x {args.seq_len + 1} tokens)")
     print(f"scoring session: {score_s:.2f} s wall, client start included ({mb:,.0f} MB over the socket, "
@@ -115,11 +116,13 @@ def real_cpu_runs():
             work.mkdir()
             shutil.copy(root / "prepare.py", work)
             (work / "train.py").write_text(source)
+            t0 = time.perf_counter()
             result = training.run_training(work, d / f"{label}.log", 42, 600, settings, d / "pid", sandbox=box,
                                            cache_dir=prepare.CACHE_DIR, prepare=prepare, check_below=below)
-            print(f"real CPU run ({box.describe()}), {label}: {result.seconds:.1f} s, val_bpb {result.val_bpb}, "
-                  f"{scoring.CHECK_POSITIONS} positions{'' if label == 'checked' else ' (not checked)'} "
-                  f"{result.failure}", flush=True)
+            print(f"real CPU run ({box.describe()}), {label}: {time.perf_counter() - t0:.1f} s in all "
+                  f"({result.seconds:.1f} s of train.py), val_bpb {result.val_bpb:.4f}"
+                  f"{f', {scoring.CHECK_POSITIONS} positions checked' if label == 'checked' else ''} {result.failure}",
+                  flush=True)
 
 
 if __name__ == "__main__":

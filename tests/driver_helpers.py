@@ -5,8 +5,10 @@ prepare.py / train.py, and small helpers."""
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,19 @@ def rows(repo):
 def branch_log(repo):
     return git(repo, "log", "--format=%s", "autoresearch/t").splitlines()
 
+
+
+def exit_code(proc, out, timeout_s=30):
+    """The driver process's exit code; if it has not exited in time, every thread's stack (SIGUSR1)
+    in the failure, so a rare hang says where it was."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"the driver had not exited {timeout_s} s after the signal; its output:\n{out.read_text()[-6000:]}")
 
 
 def pid_gone(pid):

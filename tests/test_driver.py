@@ -3,14 +3,17 @@ server, a real git repository in tmp_path and stand-in training scripts.
 Run: python -m pytest tests/test_driver.py"""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from driver_helpers import (BASE_LINE, MODE_LINE, DRIVER_ARGS, STANDINS, branch_log, check_real_runs,  # noqa: F401
+from driver_helpers import (BASE_LINE, MODE_LINE, DRIVER_ARGS, STANDINS, branch_log, check_real_runs, exit_code,  # noqa: F401
                             fake, git, pid_gone, repo, rows, run, use_real_train_py)
 from autoresearch import cli, experiment, llm, records, slots, training
 from autoresearch.report import report
@@ -191,6 +194,19 @@ def test_what_a_run_printed_once_scored_is_kept_out_of_its_log(repo, fake):
     assert "which no model is shown" in log and "val_bpb:          0.900000" in log and "trained from" in log
 
 
+def test_folders_a_killed_driver_left_in_tmp_are_removed_at_start(repo, fake):
+    """Weights and cache copies in /tmp/ar-<pid>-*: those of a process that is gone are removed."""
+    stale, live = Path("/tmp/ar-999999999-left"), Path(f"/tmp/ar-{os.getpid()}-live")
+    for d in (stale, live):
+        d.mkdir(exist_ok=True)
+        (d / "model.safetensors").write_bytes(b"weights")
+    try:
+        assert run("--max-experiments", "0", "--greedy") == 0
+        assert not stale.exists() and live.exists()
+    finally:
+        shutil.rmtree(live, ignore_errors=True)
+
+
 def test_a_bad_tag_stops_with_one_line(repo, fake):
     with pytest.raises(SystemExit, match="use letters, digits"):
         cli.main(["--tag", "my run/1"])
@@ -329,8 +345,14 @@ def test_ctrl_c_stops_training_cleanly_and_resumes(repo, fake, tmp_path, slow_on
     wait_for(once, proc)
     wait_for(pid_file, proc)
     training_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGUSR1)  # where is every thread: printed, and the run goes on
+    for _ in range(100):
+        if "in run_night" in (tmp_path / "driver.out").read_text():
+            break
+        time.sleep(0.05)
+    assert "in run_night" in (tmp_path / "driver.out").read_text() and proc.poll() is None
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 130
+    assert exit_code(proc, tmp_path / "driver.out") == 130
     assert pid_gone(training_pid)
     assert "interrupted; `python driver.py --tag t` resumes this run" in (tmp_path / "driver.out").read_text()
     assert [x["description"] for x in rows(repo)] == ["baseline"]  # no half-written row

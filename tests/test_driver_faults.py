@@ -14,7 +14,7 @@ import time
 import pytest
 
 from driver_helpers import (BASE_LINE, MODE_LINE, DRIVER_ARGS, branch_log, fake, git, journal, noisy,  # noqa: F401
-                            pid_gone, repo, rows, run)
+                            exit_code, pid_gone, repo, rows, run)
 from fake_anthropic import cut_short, edit, error, html_page, not_a_message
 from autoresearch import cli, decisions, experiment, llm, records
 
@@ -316,7 +316,7 @@ def test_sigterm_and_sighup_end_the_training_group_and_resume(repo, fake, tmp_pa
         time.sleep(0.05)
     training_pid = int(pid_file.read_text())
     proc.send_signal(signum)
-    assert proc.wait(timeout=30) == 130
+    assert exit_code(proc, tmp_path / "driver.out") == 130
     assert pid_gone(training_pid), "the training run outlived the driver"
     assert "interrupted; `python driver.py --tag t` resumes this run" in (tmp_path / "driver.out").read_text()
     assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,6 +203,15 @@ class Rows:
     @staticmethod
     def eval_rows():
         return np.arange(18).reshape(3, 6) % 3 + 1, np.array([0, 1, 1, 1])
+
+
+@pytest.fixture(autouse=True)
+def no_folders_left_in_tmp():
+    """The short folders for sockets that a test makes (scoring.short_socket_dir) are removed after it."""
+    before = set(Path("/tmp").glob(f"ar-{os.getpid()}-*"))
+    yield
+    for d in set(Path("/tmp").glob(f"ar-{os.getpid()}-*")) - before:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def session(tmp_path, client, weights=True):

@@ -168,7 +168,10 @@ def handle_stop_signals():
     so the training process group is ended; a signal set to be ignored (nohup) stays ignored.
     SIGUSR1 prints every thread's stack (where a driver that seems stuck is). Returns the previous
     handlers of SIGINT, SIGTERM and SIGHUP."""
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no real stderr (embedded, or a test capturing it)
+        pass
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for s in (signal.SIGTERM, signal.SIGHUP):
         if previous[s] is not signal.SIG_IGN:

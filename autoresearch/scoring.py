@@ -11,14 +11,17 @@ gets no score.
 Usage: training.run_training runs a Scorer beside each run; prepare.py calls serve().
 """
 
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import socket
 import stat
 import struct
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,7 +290,6 @@ def copy_files(src, dst):
 def copy_weights(saved, trusted_dir):
     """The weights the model's process saved, copied where it cannot write (opened without following
     a link, a regular file of bounded size), and their sha256."""
-    import hashlib
     try:
         fd = os.open(saved, NOFOLLOW)
     except OSError:
@@ -379,7 +381,6 @@ def check(score, prepare, path, launch, stop_s, positions=None):
 
 def end_group(proc):
     """SIGKILL a process group of its own (the checking process and whatever it started)."""
-    import signal
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -424,7 +425,6 @@ def remove(*paths):
 def short_socket_dir():
     """A private directory in /tmp, which every sandbox replaces with its own (so no run sees another
     run's), with a short path (a Unix socket's path has at most 107 bytes) that names this process."""
-    import tempfile
     return Path(tempfile.mkdtemp(prefix=f"ar-{os.getpid()}-", dir="/tmp"))
 
 

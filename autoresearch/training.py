@@ -275,9 +275,10 @@ def check_in(work, score, repo, prepare, pass_env, seed, extra_env, sandbox, cac
     extra = {**(extra_env or {}), "AUTORESEARCH_RUN_DIR": str(work), "AUTORESEARCH_SCORER": str(sock_dir / "check"),
              "AUTORESEARCH_CHECK_AUTOCAST": score.autocast, "PYTHONPATH": python_path()}
     argv = [sys.executable, "-c", "import prepare; prepare.serve_saved_model()"]
-    if sandbox and sandbox.bwrap:  # its compile cache: the run's, as it was before scoring began
+    if sandbox and sandbox.bwrap:  # its compile cache: a copy of the run's as it was before scoring began
+        cache = scoring.copy_files(score.cache, work.with_name("check-cache"))  # (score.cache may fill the trusted one)
         extra.update(AUTORESEARCH_CACHE=str(cache_dir), TRITON_CACHE_DIR=str(cache_path(cache_dir) / "triton-home"))
-        argv = sandbox.wrap(argv, work, writable=[work, sock_dir, (score.cache, cache_path(cache_dir))], **box)
+        argv = sandbox.wrap(argv, work, writable=[work, sock_dir, (cache, cache_path(cache_dir))], **box)
     log = open(work / "check.log", "wb")
 
     def launch():

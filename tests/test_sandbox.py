@@ -123,14 +123,16 @@ def test_the_probe_looks_for_the_gpu_inside_when_the_driver_has_one():
 
 
 @needs_bwrap
-def test_nothing_a_run_writes_into_the_compile_cache_reaches_a_later_run(repo, fake, capsys):
+def test_nothing_a_run_writes_into_the_compile_cache_reaches_a_later_run(repo, fake, capsys, monkeypatch):
     """Each run compiles into its own copy of the cache that the baseline filled: a poisoned entry
-    (a rewritten kernel, a new file) is gone for the next run, the baseline's entry is there."""
+    (a rewritten kernel, a new file) is gone for the next run, the baseline's entry is there; what
+    the checking process (which sees validation prefixes) writes reaches no run either."""
+    monkeypatch.setenv("STANDIN_CHECK_WRITES", "1")
     (repo / "train.py").write_text((repo / "train.py").read_text().replace(MODE_LINE, 'MODE = "fill_cache"'))
     subprocess.run(["git", "commit", "-qam", "a baseline that compiles"], cwd=repo, check=True)
     fake.replies += [edit("poison", ('MODE = "fill_cache"', 'MODE = "poison_cache"')),
                      edit("read", ('MODE = "fill_cache"', 'MODE = "read_cache"'), (BASE_LINE, "TRUE_BPB = 0.990000"))]
-    assert run("--max-experiments", "2", "--greedy", "--sandbox", "on") == 0
+    assert run("--max-experiments", "2", "--greedy", "--sandbox", "on", "--pass-env", "STANDIN_CHECK_WRITES") == 0
     log = (repo / "runs/t/0002/train.log").read_text()
     assert json.loads(log.split("cache: ")[1].split("\n")[0]) == {"kernel-baseline.py": "# compiled"}
     cache = repo.parent / "cache" / "torchinductor"
@@ -139,6 +141,6 @@ def test_nothing_a_run_writes_into_the_compile_cache_reaches_a_later_run(repo, f
     # a cache changed behind the driver's back (a run without the sandbox, a person) is not used
     (cache / "kernel-baseline.py").write_text("CHEAT = True")
     fake.replies += [edit("read again", ('TRUE_BPB = 0.990000', "TRUE_BPB = 0.980000"))]
-    assert run("--max-experiments", "3", "--greedy", "--sandbox", "on") == 0
+    assert run("--max-experiments", "3", "--greedy", "--sandbox", "on", "--pass-env", "STANDIN_CHECK_WRITES") == 0
     assert "changed since a trusted run filled it" in capsys.readouterr().out
     assert "cache: {}" in (repo / "runs/t/0003/train.log").read_text()

@@ -4,8 +4,8 @@ train.py is written by an LLM and runs unattended. Inside the sandbox it has its
 namespace (it cannot see or signal the driver, or read its environment through /proc), no
 capabilities (also when the driver runs as root), no network unless --allow-network, a private
 /tmp, and a read-only view of the whole file system except the experiment's own run directory and
-its own copy of the compile cache; the validation data and the night's logs are not there at all. What CUDA needs stays
-available: the /dev/nvidia* (and /dev/dri) device nodes are bound in, the driver's libraries,
+its own copy of the compile cache; the validation data and the night's logs are not there at all.
+What CUDA needs stays available: the /dev/nvidia* (and /dev/dri) device nodes are bound in, the driver's libraries,
 /sys and /proc/driver/nvidia are readable. Paths under /tmp that the run reads (the repository,
 the prepared data, the Python environment) are bound back in read-only.
 """

@@ -292,10 +292,16 @@ def test_report_on_a_sample_results_tsv(tmp_path, capsys):
 
 
 def start_driver(repo, tmp_path, *args):
-    """The driver as a real process (for kill -9 and Ctrl-C), output to tmp_path/driver.out."""
+    """The driver as a real process (for kill -9 and Ctrl-C), output to tmp_path/driver.out. Ctrl-C
+    works as at a terminal even where the tests run as a background job, which ignores SIGINT (a
+    child inherits an ignored signal; a handled one starts at its default)."""
     out = open(tmp_path / "driver.out", "ab")
-    return subprocess.Popen([sys.executable, "driver.py", "--tag", "t", *DRIVER_ARGS, *args], cwd=repo,
-                            stdout=out, stderr=subprocess.STDOUT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([sys.executable, "driver.py", "--tag", "t", *DRIVER_ARGS, *args], cwd=repo,
+                                stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def wait_for(path, proc):

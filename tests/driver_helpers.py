@@ -2,6 +2,7 @@
 tmp_path holding the driver (driver.py and the package autoresearch/) with stand-in
 prepare.py / train.py, and small helpers."""
 
+import contextlib
 import json
 import re
 import shutil
@@ -102,6 +103,20 @@ def rows(repo):
 def branch_log(repo):
     return git(repo, "log", "--format=%s", "autoresearch/t").splitlines()
 
+
+
+@contextlib.contextmanager
+def stop_signals_handled():
+    """While a driver process is started: SIGINT, SIGTERM and SIGHUP handled here, so the child starts
+    with them at their defaults, as from a terminal, even where the tests run as a background job or
+    under nohup (a child inherits an ignored signal; a handled one starts at its default)."""
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, signal.default_int_handler) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def exit_code(proc, out, timeout_s=30):

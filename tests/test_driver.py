@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from driver_helpers import (BASE_LINE, MODE_LINE, DRIVER_ARGS, STANDINS, branch_log, check_real_runs, exit_code,  # noqa: F401
+from driver_helpers import (BASE_LINE, MODE_LINE, DRIVER_ARGS, STANDINS, branch_log, check_real_runs, exit_code,
+                            stop_signals_handled,  # noqa: F401
                             fake, git, pid_gone, repo, rows, run, use_real_train_py)
 from autoresearch import cli, experiment, llm, records, slots, training
 from autoresearch.report import report
@@ -292,16 +293,12 @@ def test_report_on_a_sample_results_tsv(tmp_path, capsys):
 
 
 def start_driver(repo, tmp_path, *args):
-    """The driver as a real process (for kill -9 and Ctrl-C), output to tmp_path/driver.out. Ctrl-C
-    works as at a terminal even where the tests run as a background job, which ignores SIGINT (a
-    child inherits an ignored signal; a handled one starts at its default)."""
+    """The driver as a real process (for kill -9 and Ctrl-C), output to tmp_path/driver.out; Ctrl-C
+    works as at a terminal (stop_signals_handled)."""
     out = open(tmp_path / "driver.out", "ab")
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with stop_signals_handled():
         return subprocess.Popen([sys.executable, "driver.py", "--tag", "t", *DRIVER_ARGS, *args], cwd=repo,
                                 stdout=out, stderr=subprocess.STDOUT)
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def wait_for(path, proc):

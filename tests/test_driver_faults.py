@@ -14,7 +14,7 @@ import time
 import pytest
 
 from driver_helpers import (BASE_LINE, MODE_LINE, DRIVER_ARGS, branch_log, fake, git, journal, noisy,  # noqa: F401
-                            exit_code, pid_gone, repo, rows, run)
+                            exit_code, pid_gone, repo, rows, run, stop_signals_handled)
 from fake_anthropic import cut_short, edit, error, html_page, not_a_message
 from autoresearch import cli, decisions, experiment, llm, records
 
@@ -308,7 +308,8 @@ def test_sigterm_and_sighup_end_the_training_group_and_resume(repo, fake, tmp_pa
     out = open(tmp_path / "driver.out", "ab")
     command = [sys.executable, "driver.py", "--tag", "t", *DRIVER_ARGS, "--max-experiments", "1",
                "--greedy"]
-    proc = subprocess.Popen(command, cwd=repo, stdout=out, stderr=subprocess.STDOUT)
+    with stop_signals_handled():
+        proc = subprocess.Popen(command, cwd=repo, stdout=out, stderr=subprocess.STDOUT)
     for _ in range(600):
         if once.exists() and pid_file.exists() and pid_file.read_text():
             break

@@ -184,7 +184,7 @@ def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(
                    hidden=[*hidden, *prepare.validation_files()]) if boxed else {}
         if boxed:
             start_cache(Path(cache_dir), layer)
-            extra.update(AUTORESEARCH_CACHE=str(cache_dir), TRITON_CACHE_DIR=str(cache_path(cache_dir) / "triton-home"))
+            extra.update(cache_env(cache_dir))
             argv = sandbox.wrap(argv, repo, writable=[files, sock_dir, (layer, cache_path(cache_dir))], **box)
         elif die_with_parent:
             argv = [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), "train.py"]
@@ -277,7 +277,7 @@ def check_in(work, score, repo, prepare, pass_env, seed, extra_env, sandbox, cac
     argv = [sys.executable, "-c", "import prepare; prepare.serve_saved_model()"]
     if sandbox and sandbox.bwrap:  # its compile cache: a copy of the run's as it was before scoring began
         cache = scoring.copy_files(score.cache, work.with_name("check-cache"))  # (score.cache may fill the trusted one)
-        extra.update(AUTORESEARCH_CACHE=str(cache_dir), TRITON_CACHE_DIR=str(cache_path(cache_dir) / "triton-home"))
+        extra.update(cache_env(cache_dir))
         argv = sandbox.wrap(argv, work, writable=[work, sock_dir, (cache, cache_path(cache_dir))], **box)
     log = open(work / "check.log", "wb")
 
@@ -302,6 +302,11 @@ def check_in(work, score, repo, prepare, pass_env, seed, extra_env, sandbox, cac
 def cache_path(cache_dir):
     """Where prepare.py points torch's compile cache (TORCHINDUCTOR_CACHE_DIR)."""
     return Path(cache_dir) / "torchinductor"
+
+
+def cache_env(cache_dir):
+    """The environment that points a sandboxed process at the compile cache mounted at cache_path."""
+    return {"AUTORESEARCH_CACHE": str(cache_dir), "TRITON_CACHE_DIR": str(cache_path(cache_dir) / "triton-home")}
 
 
 def manifest_path(cache_dir):
@@ -333,11 +338,12 @@ def start_cache(cache_dir, layer):
     (layer / "triton-home").mkdir(parents=True)
 
 
-def trust_cache(cache_dir, layer):
-    """A trusted run's copy of the compile cache becomes the one later runs start from."""
+def trust_cache(cache_dir, snapshot):
+    """A trusted run's copy of the compile cache (as it was before scoring began) becomes the one
+    later runs start from."""
     trusted, fresh = cache_path(cache_dir), Path(f"{cache_path(cache_dir)}.new")
     shutil.rmtree(fresh, ignore_errors=True)
-    scoring.copy_files(layer, fresh)
+    scoring.copy_files(snapshot, fresh)
     manifest_path(cache_dir).unlink(missing_ok=True)
     old = Path(f"{trusted}.old")
     shutil.rmtree(old, ignore_errors=True)

@@ -57,12 +57,17 @@ def without_thinking(text):
 
 
 def parse_text_reply(text):
-    """The edit tool's arguments from a reply in TEXT_FORMAT, or None when it holds no edit block or an
-    unclosed one. Tolerates CRLF, a thinking preamble, bold field names and spaces after a marker."""
+    """(the edit tool's arguments, "") from a reply in TEXT_FORMAT, or (None, what is wrong, for the
+    model) when it holds no edit block or an unclosed one. Tolerates CRLF, a thinking preamble, bold
+    field names and spaces after a marker."""
     text = without_thinking(text.replace("\r\n", "\n"))
     blocks = BLOCK_RE.findall(text)
-    if not blocks or len(blocks) != len(re.findall(r"^<<<<<<< SEARCH", text, re.M)):
-        return None
+    opened = len(re.findall(r"^<<<<<<< SEARCH", text, re.M))
+    if not opened:
+        return None, "your reply holds no <<<<<<< SEARCH block"
+    if len(blocks) != opened:
+        return None, ("your SEARCH/REPLACE block was not closed: each <<<<<<< SEARCH needs a ======= line, "
+                      "then the new lines, then a >>>>>>> REPLACE line")
 
     def field(name):
         m = re.search(rf"^\W*{name}\W*:\**[ \t]*(.*)$", text, re.M | re.I)
@@ -73,7 +78,7 @@ def parse_text_reply(text):
     return {"description": field("DESCRIPTION"), "hypothesis": field("HYPOTHESIS"), "theme": field("THEME"),
             "lessons": [{"experiment": int(n), "lesson": lesson.strip()}
                         for n, lesson in re.findall(r"^\W*LESSON #(\d+)\W*:\**[ \t]*(.*)$", text, re.M | re.I)],
-            "edits": [{"search": lines(search), "replace": lines(replace)} for search, replace in blocks]}
+            "edits": [{"search": lines(search), "replace": lines(replace)} for search, replace in blocks]}, ""
 
 
 def apply_edits(source, edits, tried_hashes):

@@ -11,7 +11,7 @@ import json
 import os
 
 from autoresearch.edits import EDIT_TOOL, TEXT_FORMAT, TOOL_NAME, parse_text_reply
-from autoresearch.llm import NotFound, Reply, Transient, refuse, sort_status, valid, with_retries
+from autoresearch.llm import NotFound, PromptTooLong, Reply, Transient, check_request, refuse, sort_status, valid
 
 
 class OpenAIProvider:
@@ -28,21 +28,22 @@ class OpenAIProvider:
             raise SystemExit("autoresearch: set OPENAI_API_KEY (or --base-url for a local server such as Ollama)")
         self.model, self.price, self.tools = model, price, True
         self.client = openai.OpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=timeout_s)
+        self.refused_chars, self.limit_file = None, None  # the caller may set limit_file (see llm.size_limit)
 
     def check_access(self):
         """The models list (free) must hold the model; a server without the list, or whose list names
         it otherwise (Ollama's tags), is asked one tiny message: a bad key or model stops the run now."""
-        def model_ids():
-            page = self.client.models.list()
+        def model_ids(client):
+            page = client.models.list()
             return None if isinstance(page, str) else [m.id for m in page]
         try:
-            listed = with_retries(lambda: self.guard(model_ids, lambda ids: isinstance(ids, list)))
+            listed = check_request(self, model_ids, lambda ids: isinstance(ids, list))
         except NotFound:
             listed = []
         if self.model not in listed:
             try:
-                with_retries(lambda: self.guard(lambda: self.client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": "Reply with one word."}]), is_completion))
+                check_request(self, lambda client: client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": "Reply with one word."}]), is_completion)
             except NotFound as e:
                 refuse(404, str(e), self.model, "OPENAI_API_KEY")
 
@@ -66,14 +67,16 @@ class OpenAIProvider:
             turn["tool_calls"] = [c.model_dump(mode="json", exclude_none=True) for c in message.tool_calls]
             call, problem = read_call(message.tool_calls[0])
         else:
-            call = parse_text_reply(message.content or "")
-        if choice.finish_reason == "length":
-            call, problem = None, "your reply was cut off at the length limit: answer with less text"
+            call, problem = parse_text_reply(message.content or "")
+            if call is None:  # what to answer with: the tool, unless this server refused it
+                problem += (f"; call the {TOOL_NAME} tool (or answer in the text format)" if with_tools else
+                            "; answer in the text format of the system prompt (this server takes no tools)")
         usage = reply.usage
         cached = getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", 0) or 0 if usage else 0
         counts = {"input": (usage.prompt_tokens or 0) - cached, "output": usage.completion_tokens or 0,
                   "cache_read": cached} if usage else {}
-        return Reply(reply.model_dump(mode="json"), turn, call, problem, counts, message.content or "")
+        return Reply(reply.model_dump(mode="json"), turn, call, problem, counts, message.content or "",
+                     cut=choice.finish_reason == "length")
 
     @staticmethod
     def feedback(messages, text):
@@ -97,6 +100,8 @@ class OpenAIProvider:
             code, message = e.status_code, str(body.get("message") or getattr(e, "message", "") or e)
             if body.get("code") == "insufficient_quota":  # OpenAI's 429 for an empty account: no use waiting
                 refuse(code, message, self.model, "OPENAI_API_KEY")
+            if body.get("code") == "context_length_exceeded":
+                raise PromptTooLong(message)
             lowered = message.lower()
             if code == 400 and sent_tools and "tool" in lowered and any(
                     w in lowered for w in ("support", "requires", "enable", "jinja")):  # Ollama, vLLM, llama.cpp

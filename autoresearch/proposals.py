@@ -52,9 +52,10 @@ def propose(ctx, ask, on_reply):
         records.save_json(replies_path, replies + [reply.raw])
         on_reply(reply.counts)
         ask.messages.append(reply.turn)
-        if reply.call is None:
-            ask.messages = ctx.llm.feedback(ask.messages, reply.problem or (
-                f"Reply by calling the {edits.TOOL_NAME} tool (or in the text format)."))
+        if reply.cut or reply.call is None:  # a reply cut at the length limit is never applied
+            problem = ("your reply was cut off at the length limit: answer with less text" if reply.cut else
+                       reply.problem or f"Reply by calling the {edits.TOOL_NAME} tool (or in the text format).")
+            ask.messages = ctx.llm.feedback(ask.messages, problem)
             continue
         args = reply.call
         new, error = edits.apply_edits(ask.source, args.get("edits"), ask.tried)
@@ -70,10 +71,15 @@ def propose(ctx, ask, on_reply):
 
 
 def condense(ctx, ask, on_reply):
-    """The notebook rewritten shorter by the model (one request, no tool)."""
+    """The notebook rewritten shorter by the model (one request, no tool); no text (the notebook kept
+    as it is) when the reply was cut at the length limit, or the model was sent the notebook cut."""
     reply = llm.ask(ctx.llm, ask.system, ask.user, [], tool=False)
     records.save_json(ask.exp_dir / "condense-reply.json", reply.raw)
     on_reply(reply.counts)
+    if reply.cut or reply.shortened:
+        why = "was cut at the length limit" if reply.cut else "was made from a notebook cut to fit the model's context"
+        print(f"  notebook: the condensation {why}; not applied (notes.md stays as it is)", flush=True)
+        return Answer(None, None, None)
     return Answer(None, None, None, text=reply.text)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fake_anthropic import FakeAnthropic
+from fake_openai import FakeOpenAI
 
 MAIN = Path(__file__).resolve().parents[1]
 STANDINS = Path(__file__).resolve().parent / "standins"
@@ -67,12 +68,32 @@ def repo(tmp_path, fake, monkeypatch):
     return repo
 
 
-STANDIN_ENV = ["--pass-env", "STANDIN_GRANDCHILD_FILE", "--pass-env", "STANDIN_ONCE_FILE",
-               "--pass-env", "STANDIN_PID_FILE"]  # the stand-in's knobs reach it only when passed
+# the stand-in's knobs reach it only when passed
+STANDIN_ENV = ["--pass-env", "STANDIN_GRANDCHILD_FILE", "--pass-env", "STANDIN_ONCE_FILE", "--pass-env",
+               "STANDIN_PID_FILE", "--pass-env", "STANDIN_WRITE_DIR", "--pass-env", "STANDIN_SECRET_TEXT"]
 # CPU, no sandbox (the stand-in writes its pid and marker files into tmp_path; test_sandbox.py
 # runs with --sandbox on), one experiment at a time (the scripted LLM replies follow the best;
 # test_pipeline.py runs the pipeline)
 DRIVER_ARGS = ["--allow-cpu", "--sandbox", "off", "--pipeline", "off", *STANDIN_ENV]
+
+
+@pytest.fixture
+def server():
+    """Serving OpenAI's Chat Completions, like Ollama on its port (no key needed): server(**options)."""
+    fakes = []
+
+    def start(**options):
+        fakes.append(FakeOpenAI(**options))
+        return fakes[-1]
+    yield start
+    for f in fakes:
+        f.close()
+
+
+def run_openai(fake_server, *args):
+    """The driver in-process against a fake OpenAI-compatible server."""
+    return cli.main(["--tag", "t", *DRIVER_ARGS, "--provider", "openai", "--base-url", fake_server.url,
+                     "--model", "local-model", *args])
 
 
 @pytest.fixture

@@ -6,8 +6,10 @@ text ({"text": ...}, a reply without the tool),
 an HTTP error, a broken 200 (cut short, or a proxy's HTML page), or a function of the
 request. Every request body is recorded. Like the real API for models that think, it answers
 400 to a forced tool_choice and to a conversation whose assistant turns lost their thinking
-blocks. GET /v1/models/<id> (the driver's start-up check) answers from `model_replies`, a
-model entry when that is empty; `model_checks` records the ids asked for.
+blocks; with `max_request_chars` set, a longer request body gets the API's 400 "prompt is too
+long" (without using a scripted reply). GET /v1/models/<id> (the driver's start-up check)
+answers from `model_replies`, a model entry when that is empty; `model_checks` records the ids
+asked for.
 """
 
 import json
@@ -26,8 +28,14 @@ def edit(description, *pairs, hypothesis=None, theme=None, lessons=()):
     return reply
 
 
-def error(status, kind="api_error", message="scripted failure"):
-    return {"status": status, "kind": kind, "message": message}
+def error(status, kind="api_error", message="scripted failure", headers=None):
+    """An HTTP error answer, with extra response headers (e.g. retry-after-ms)."""
+    return {"status": status, "kind": kind, "message": message, "headers": headers or {}}
+
+
+def cut_at_max_tokens(reply):
+    """The reply as the API sends one stopped at the length limit (stop_reason "max_tokens")."""
+    return {**reply, "stop_reason": "max_tokens"}
 
 
 def drop():
@@ -60,7 +68,7 @@ class FakeAnthropic:
     """Scripted /v1/messages server; `replies` is consumed in order, `requests` records bodies."""
 
     def __init__(self):
-        self.replies, self.requests = [], []
+        self.replies, self.requests, self.max_request_chars = [], [], None
         self.model_replies, self.model_checks = [], []
         self.lock = threading.Lock()  # requests arrive on several threads (the pipeline asks ahead)
         fake = self
@@ -82,7 +90,14 @@ class FakeAnthropic:
                 self.send(200, reply)
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                raw = self.rfile.read(int(self.headers["content-length"]))
+                body = json.loads(raw)
+                if fake.max_request_chars and len(raw) > fake.max_request_chars:
+                    with fake.lock:
+                        fake.requests.append(body)
+                    return self.send(400, {"type": "error", "error": {
+                        "type": "invalid_request_error",
+                        "message": f"prompt is too long: {len(raw)} tokens > {fake.max_request_chars} maximum"}})
                 with fake.lock:
                     fake.requests.append(body)
                     reply = fake.replies.pop(0) if fake.replies else \
@@ -101,10 +116,12 @@ class FakeAnthropic:
                     reply = reply["then"]
                 if "status" in reply:
                     payload = {"type": "error", "error": {"type": reply["kind"], "message": reply["message"]}}
-                    return self.send(reply["status"], payload)
+                    return self.send(reply["status"], payload, reply.get("headers", {}))
                 if "raw" in reply:
                     return self.send_raw(reply)
                 n = len(fake.requests)
+                reply = dict(reply)
+                stop_reason = reply.pop("stop_reason", None)
                 if set(reply) == {"text"}:
                     answer = [{"type": "text", "text": reply["text"]}]
                 else:  # {"calls": [...]}: several tool calls in one reply (parallel tool use)
@@ -113,7 +130,8 @@ class FakeAnthropic:
                 self.send(200, {
                     "id": f"msg_{n}", "type": "message", "role": "assistant", "model": body["model"],
                     "content": [{"type": "thinking", "thinking": f"thought {n}", "signature": f"sig_{n}"}, *answer],
-                    "stop_reason": "tool_use" if answer[0]["type"] == "tool_use" else "end_turn", "stop_sequence": None,
+                    "stop_reason": stop_reason or ("tool_use" if answer[0]["type"] == "tool_use" else "end_turn"),
+                    "stop_sequence": None,
                     "usage": {"input_tokens": 1000, "output_tokens": 200,
                               "cache_creation_input_tokens": 2000, "cache_read_input_tokens": 3000}})
 
@@ -126,12 +144,14 @@ class FakeAnthropic:
                 self.end_headers()
                 self.wfile.write(reply["raw"])
 
-            def send(self, status, payload):
+            def send(self, status, payload, headers=None):
                 data = json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     self.send_header("content-type", "application/json")
                     self.send_header("content-length", str(len(data)))
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(data)
                 except OSError:  # the client gave up (timeout test)

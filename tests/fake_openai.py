@@ -5,7 +5,8 @@ Replies are scripted in order: an edit as a tool call, an edit in the text forma
 whose arguments are not JSON, an HTTP error, or a function of the request. With tools=False
 the server behaves like one without tool calling: a request that carries `tools` gets a 400
 (reject_tools=True) or the tools are ignored. Like the real API it refuses a `tool` message
-that does not answer the previous assistant turn's tool call. GET /v1/models lists `models`.
+that does not answer the previous assistant turn's tool call, and with `max_request_chars` set a
+longer request body (OpenAI's 400 context_length_exceeded). GET /v1/models lists `models`.
 """
 
 import json
@@ -42,14 +43,15 @@ def cut_at_length(reply):
     return {**reply, "finish_reason": "length"}
 
 
-def error(status, message="scripted failure"):
-    return {"status": status, "message": message}
+def error(status, message="scripted failure", headers=None):
+    """An HTTP error answer, with extra response headers (e.g. retry-after-ms)."""
+    return {"status": status, "message": message, "headers": headers or {}}
 
 
 class FakeOpenAI:
     def __init__(self, tools=True, reject_tools=False, models=("local-model",)):
         self.replies, self.requests, self.tools, self.reject_tools, self.models = [], [], tools, reject_tools, models
-        self.model_lists, self.lock = 0, threading.Lock()
+        self.model_lists, self.lock, self.max_request_chars = 0, threading.Lock(), None
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,8 +66,14 @@ class FakeOpenAI:
                                                             "owned_by": "fake"} for m in fake.models]})
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                raw = self.rfile.read(int(self.headers["content-length"]))
+                body = json.loads(raw)
                 fake.requests.append(body)
+                if fake.max_request_chars and len(raw) > fake.max_request_chars:
+                    return self.send(400, {"error": {
+                        "message": f"This model's maximum context length is {fake.max_request_chars} tokens. However, "
+                                   f"your messages resulted in {len(raw)} tokens.",
+                        "type": "invalid_request_error", "code": "context_length_exceeded"}})
                 problem = fake.check(body)
                 if problem:  # refused before any reply is used
                     return self.send(400, {"error": {"message": problem, "type": "invalid_request_error"}})
@@ -75,7 +83,8 @@ class FakeOpenAI:
                     reply = reply(body)
                 if "status" in reply:
                     return self.send(reply["status"], {"error": {"message": reply["message"], "type": "error",
-                                                                 **({"code": reply["code"]} if "code" in reply else {})}})
+                                                                 **({"code": reply["code"]} if "code" in reply else {})}},
+                                     reply.get("headers", {}))
                 n = len(fake.requests)
                 message = {"role": "assistant", "content": reply.get("text")}
                 if "tool" in reply or "raw_arguments" in reply or "calls" in reply:
@@ -90,11 +99,13 @@ class FakeOpenAI:
                                 "usage": {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200,
                                           "prompt_tokens_details": {"cached_tokens": 300}}})
 
-            def send(self, status, payload):
+            def send(self, status, payload, headers=None):
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 

@@ -8,30 +8,13 @@ import json
 
 import pytest
 
-from driver_helpers import BASE_LINE, DRIVER_ARGS, MODE_LINE, fake, git, journal, repo, rows  # noqa: F401
+from driver_helpers import (BASE_LINE, DRIVER_ARGS, MODE_LINE, fake, git, journal, repo, rows, run_openai,  # noqa: F401
+                            server)
 from fake_anthropic import edit
-from fake_openai import FakeOpenAI, bad_arguments, cut_at_length, error, text_edit, tool_edit, two_calls
+from fake_openai import bad_arguments, cut_at_length, error, text_edit, tool_edit, two_calls
 from autoresearch import cli, llm, notebook
 
 ORDER_LINE = "DATA_ORDER = 0"
-
-
-@pytest.fixture
-def server(monkeypatch):
-    """Serving OpenAI's Chat Completions, like Ollama on its port (no key needed)."""
-    fakes = []
-
-    def start(**options):
-        fakes.append(FakeOpenAI(**options))
-        return fakes[-1]
-    yield start
-    for f in fakes:
-        f.close()
-
-
-def run_openai(fake_server, *args):
-    return cli.main(["--tag", "t", *DRIVER_ARGS, "--provider", "openai", "--base-url", fake_server.url,
-                     "--model", "local-model", *args])
 
 
 def ideas(kind):
@@ -244,11 +227,12 @@ def test_an_exhausted_quota_stops_at_once(repo, server):
     "```\n<<<<<<< SEARCH\nTRUE_BPB = 1.000000\n=======\nTRUE_BPB = 0.99\n>>>>>>> REPLACE\n```\n"])
 def test_the_text_format_from_realistic_replies(reply):
     from autoresearch.edits import apply_edits, parse_text_reply
-    call = parse_text_reply(reply)
-    assert call["description"] == "lower bpb" and len(call["edits"]) == 1
+    call, problem = parse_text_reply(reply)
+    assert call["description"] == "lower bpb" and len(call["edits"]) == 1 and problem == ""
     new, error = apply_edits("TRUE_BPB = 1.000000\nMODE = 'ok'\n", call["edits"], frozenset())
     assert error == "" and new == "TRUE_BPB = 0.99\nMODE = 'ok'\n"
-    assert parse_text_reply(reply.split(">>>>>>> REPLACE")[0]) is None  # cut before its end: not applied
+    call, problem = parse_text_reply(reply.split(">>>>>>> REPLACE")[0])  # cut before its end: not applied
+    assert call is None and "was not closed" in problem
 
 
 def test_condensing_keeps_what_was_added_while_the_model_wrote(repo, fake, monkeypatch):

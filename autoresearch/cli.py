@@ -91,6 +91,9 @@ def parser():
                    help="run train.py inside bubblewrap: own PID namespace, no network, read-only files but its "
                         "run directory and the compile cache (auto: when bwrap works, else say so; default: auto)")
     p.add_argument("--allow-network", action="store_true", help="let train.py use the network inside the sandbox")
+    p.add_argument("--run-limits", default="", metavar="LIMITS",
+                   help="what one run may use, e.g. written=64G,file=20G,output=2G,processes=2048; a run past one is "
+                        f"a crash row that says which (default: {training.Limits().describe()})")
     p.add_argument("--allow-cpu", action="store_true",
                    help="run without a CUDA GPU (tests, small AUTORESEARCH_* settings); the defaults "
                         "would time out every run on a CPU")
@@ -113,9 +116,11 @@ def drive(args):
     cuda = check_cuda(args.allow_cpu)
     provider = llm.make_provider(args.provider, args.model, args.base_url,
                                  llm.parse_price(args.price) if args.price else None, args.llm_timeout)
+    limits = training.parse_limits(args.run_limits)
     provider.check_access()
     box = sandbox.choose(args.sandbox, args.allow_network, repo, cuda)
     night, run_dir = open_night(args, repo, settings, hashes)
+    provider.limit_file = run_dir / "llm-limits.json"  # a request refused for its size is never sent again
     night.sandbox = box.describe()
     records.save_night(run_dir / "journal.json", night)
     work_slots = slots.make_slots(run_dir, args.gpus, cluster.connect(args.ray, repo) if args.ray else None)
@@ -125,7 +130,8 @@ def drive(args):
                        timeout_s=args.timeout or training.default_timeout_s(settings["time_budget"]),
                        max_experiments=args.max_experiments, deadline=parse_deadline(args.deadline),
                        max_cost=args.max_cost, slots=work_slots,
-                       lookahead=len(work_slots) if args.pipeline == "on" else 0, plateau=args.plateau)
+                       lookahead=len(work_slots) if args.pipeline == "on" else 0, plateau=args.plateau, limits=limits,
+                       git_config=records.read_git_config(repo))
     training.kill_stale_training(run_dir / "training.pid")  # (the driver before slots)
     scoring.remove_stale_dirs()
     if not ctx.price_known:

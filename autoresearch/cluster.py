@@ -17,6 +17,8 @@ from pathlib import Path
 
 from autoresearch import training
 
+LOG_BYTES = 4 << 20                # the end of a run's log that comes back from its node (a log can be any size)
+
 
 @dataclass
 class RayRunner:
@@ -34,7 +36,7 @@ class RayRunner:
         start = time.time()
         ref = task.remote(source, self.project, seed, ctx.timeout_s, night.settings, env, ctx.pass_env,
                           getattr(ctx.sandbox, "allow_network", None) if getattr(ctx.sandbox, "bwrap", None) else None,
-                          check_below, fill_cache)
+                          check_below, fill_cache, ctx.limits)
         self.in_flight.add(ref)
         try:
             result, log_text, hashes, node = ray.get(ref)
@@ -79,7 +81,7 @@ def connect(address, project):
 
 
 def train_on_node(source, project, seed, timeout_s, settings, env, pass_env, sandboxed_network=None,
-                  check_below=float("inf"), fill_cache=False):
+                  check_below=float("inf"), fill_cache=False, limits=None):
     """A Ray task: train.py (its text) beside the node's prepare.py in a scratch directory, trained
     once (in the node's bubblewrap when the driver sandboxes: sandboxed_network is then whether the
     network is allowed) and scored and checked on the node by the driver's code (trusted, outside the
@@ -103,7 +105,7 @@ def train_on_node(source, project, seed, timeout_s, settings, env, pass_env, san
         result = training.run_training(work, work / "train.log", seed, timeout_s, settings, work / "train.pid",
                                        pass_env, box, env.get("AUTORESEARCH_CACHE") or prepare.CACHE_DIR,
                                        extra_env=env, die_with_parent=True, prepare=prepare,
-                                       check_below=check_below, fill_cache=fill_cache)
-        return result, (work / "train.log").read_text(errors="replace"), hashes, socket.gethostname()
+                                       check_below=check_below, fill_cache=fill_cache, limits=limits)
+        return result, training.read_tail(work / "train.log", LOG_BYTES), hashes, socket.gethostname()
     finally:
         shutil.rmtree(work, ignore_errors=True)

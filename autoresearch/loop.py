@@ -13,7 +13,7 @@ import math
 import queue
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoresearch import edits, experiment, notebook, prompt, proposals, records, slots, training
@@ -21,7 +21,6 @@ from autoresearch.records import Experiment, Run, git
 
 FIX_ATTEMPTS = 2                   # times a crashed run goes back to the LLM for a fix
 NOISE_RUNS = 3                     # runs of the baseline (different seeds) to measure the noise floor
-LOG_TAIL_LINES = 60                # log lines sent to the LLM after a crash
 
 
 @dataclass
@@ -45,6 +44,8 @@ class Context:
     slots: list                    # slots.Slot: one per GPU (or Ray)
     lookahead: int                 # proposals kept ready while slots train (0: --pipeline off)
     plateau: int                   # ideas without a keep after which the model is told of a plateau
+    limits: training.Limits = field(default_factory=training.Limits)  # what one run may use
+    git_config: tuple = ()         # (path, bytes) of the repository's git config as the driver last saw it
 
     @property
     def tsv(self):
@@ -185,9 +186,10 @@ def fix_ask(ctx, night, p, failed):
     """A request for a fix: the failed run's log tail back to the model, in the attempt's conversation."""
     path = experiment.conversation_path(p, p.attempt)
     messages = records.load_json(path if path.exists() else Path(p.dir) / "conversation.json")  # (older drivers)
-    tail = "\n".join(Path(failed.log).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
-    messages = ctx.llm.feedback(messages, f"The run failed: {failed.failure}.\n\nLast lines of its log:\n{tail}"
-                                          "\n\nFix train.py with another edit (edits apply to the file as you left it).")
+    tail = prompt.log_tail(failed.log) if Path(failed.log).exists() else "(no log)"
+    failure = prompt.mask_secrets(failed.failure)
+    messages = ctx.llm.feedback(messages, f"The run failed: {failure}.\n\nLast lines of its log:\n{tail}\n\n"
+                                          "Fix train.py with another edit (edits apply to the file as you left it).")
     if p.commit:
         experiment.keep_discarded(ctx, f"{p.n:04d}-{p.attempt + 1}", p.commit)
     shown = records.train_py_at(ctx.repo, p.parent)
@@ -318,12 +320,17 @@ def rebase(ctx, night, p):
 
 
 def finish_run(ctx, night, slot, result):
-    """A slot's run ended: check what it may have touched, then record the run."""
+    """A slot's run ended: check what it may have touched, then record the run. A changed metric
+    stops the night; with the sandbox off the run may have changed it, and is recorded as refused
+    first (a resumed night never runs it again)."""
     n, role, seed, commit, log_path = slot.job
     slot.job = None
     p = next(p for p in night.in_flight if p.n == n)
     tampered = undo_tampering(ctx, night, slot, commit)
-    check_metric_unchanged(ctx, night, slot)
+    metric_changed = records.metric_hashes(ctx.repo, ctx.prepare) != night.metric_hashes
+    if metric_changed and not sandboxed(ctx):
+        tampered = "; ".join(filter(None, [tampered, "train.py changed prepare.py or the prepared validation data "
+                                                     "(the metric)"]))
     if tampered:
         print(f"  run refused: {tampered}", flush=True)
         result = training.RunResult(None, 0.0, result.seconds, f"refused: {tampered}")
@@ -338,35 +345,59 @@ def finish_run(ctx, night, slot, result):
         night.gpu_s["noise"] += result.seconds
         night.run_counts["noise"] += 1
     experiment.save(ctx, night)
+    if metric_changed:
+        stop_for_metric(ctx, night, slot, p)
 
 
-def check_metric_unchanged(ctx, night, slot):
+def sandboxed(ctx):
+    """Whether runs are in the sandbox, where they cannot write the user's checkout or the data."""
+    return bool(ctx.sandbox and ctx.sandbox.bwrap)
+
+
+def stop_for_metric(ctx, night, slot, p):
     """Numbers from a different metric are never compared or recorded: a changed prepare.py or
-    prepared validation data (shared by every run) stops the run."""
-    if records.metric_hashes(ctx.repo, ctx.prepare) != night.metric_hashes:
-        experiment.restore_best(ctx, night)
-        raise SystemExit("autoresearch: prepare.py or the prepared validation data changed during "
-                         f"a run on {slot.name}; results would not be comparable. Restore them (or "
-                         "re-run `python prepare.py`) and start a new run with another --tag.")
+    prepared validation data (shared by every run) stops the night, the run that could have
+    changed it recorded first as a refused crash."""
+    if not sandboxed(ctx) and p in night.in_flight:
+        experiment.record(ctx, night, p, "crash", "")
+    experiment.restore_best(ctx, night)
+    raise SystemExit("autoresearch: prepare.py or the prepared validation data changed during "
+                     f"a run on {slot.name}; results would not be comparable. Restore them (git checkout "
+                     "prepare.py, or re-run `python prepare.py`) and resume, or start a new run with another --tag.")
 
 
 def undo_tampering(ctx, night, slot, commit):
-    """What train.py did to the driver's records (results.tsv, git's HEAD in the user's checkout
-    and in the slot's worktree), undone; "" if nothing."""
-    problems = []
+    """What train.py did to the driver's records (git's config and HEAD in the user's checkout,
+    results.tsv, its worktree), undone; "" if nothing. In the sandbox no run can write the user's
+    checkout: a change there is a person's, kept (git's config) or put right (HEAD, the branch,
+    results.tsv), and no run is blamed for it."""
+    problems, blame = [], not sandboxed(ctx)
+    config, saved = ctx.git_config or (None, None)
+    if config and (config.read_bytes() if config.exists() else None) != saved:
+        if blame:
+            problems.append("train.py changed git's config (.git/config); restored")
+            records.write_atomic(config, saved.decode()) if saved is not None else config.unlink()
+        else:
+            ctx.git_config = records.read_git_config(ctx.repo)
     moved_from = records.on_branch(ctx.repo, night.branch)
     if moved_from:
         problems.append(f"train.py moved git's HEAD to {moved_from.removeprefix('refs/heads/')}")
     if git(ctx.repo, "rev-parse", "HEAD") != night.best.commit:
         problems.append("train.py moved the driver's branch")
         git(ctx.repo, "reset", "-q", "--soft", night.best.commit)
+    deleted = not ctx.tsv.exists()
+    note = records.sync_tsv(ctx.tsv, night.rows, ctx.run_dir, strict=blame) or \
+        ("results.tsv was deleted; rewritten from the journal" if deleted else "")
+    if note:
+        problems.append(f"train.py wrote to results.tsv ({note})")
+    if not blame and problems:
+        print(f"  note: put right, not done by the run (in the sandbox it cannot write here): "
+              f"{'; '.join(problems).replace('train.py ', 'something ')}", flush=True)
+        problems = []
     if (slot.worktree / ".git").exists():
         problems.append(slots.worktree_moved(slot, commit))
         if records.sha256_file(slot.worktree / "prepare.py") != night.metric_hashes["prepare.py"]:
             problems.append("train.py changed prepare.py, the metric, in its worktree")
-    note = records.sync_tsv(ctx.tsv, night.rows, ctx.run_dir, strict=True)
-    if note:
-        problems.append(f"train.py wrote to results.tsv ({note})")
     return "; ".join(p for p in problems if p)
 
 

@@ -4,6 +4,8 @@ cacheable (prompt caching, where the provider has it).
 """
 
 import ast
+import os
+import re
 from pathlib import Path
 
 from autoresearch.decisions import margin
@@ -24,6 +26,47 @@ is not an experiment and never counts as a win. If a run fails you get its log t
 cause with another edit to the file as you left it. Say in one line why you expect the change
 to help (hypothesis) and name its kind (theme); when asked, give a one-line lesson for each
 finished experiment (what its result says), so that the notebook remembers what was learnt."""
+
+
+LOG_TAIL_LINES = 60                # a failed run's last log lines sent to the model
+LOG_LINE_CHARS = 500               # each cut to this (a line can be megabytes)
+LOG_TAIL_CHARS = 12000             # and all of them together
+LOG_READ_BYTES = 256 << 10         # what is read of a log's end to find them (a log can be any size)
+# What looks like a key, a token or a password: never sent to the LLM API (a run can print a file
+# it read, or its environment, before it fails).
+SECRET_RE = re.compile(
+    r"-----BEGIN[A-Z ]*PRIVATE KEY-----.*?(?:-----END[A-Z ]*PRIVATE KEY-----|\Z)"  # a private key, to its end
+    r"|\b(?:sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|xox[abprs]-[A-Za-z0-9-]{10,}"
+    r"|hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{30,}"  # API keys of common shapes
+    r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})"  # a JSON web token
+    r"|(?P<name>(?i:\b(?:api[_-]?key|secret|token|passw(?:or)?d)[\"']?\s*[:=]\s*[\"']?))[^\s\"']{6,}",  # key=value
+    re.S)
+
+
+def mask_secrets(text, env=None):
+    """`text` with what looks like a key or token replaced by [masked]: the driver's own environment
+    values named like secrets (8 characters or more), and the common shapes of keys and tokens."""
+    env = os.environ if env is None else env
+    for name, value in env.items():
+        if len(value) >= 8 and re.search(r"KEY|TOKEN|SECRET|PASS|AUTH|CREDENTIAL", name, re.I) and value in text:
+            text = text.replace(value, "[masked]")
+    return SECRET_RE.sub(lambda m: (m["name"] or "") + "[masked]", text)
+
+
+def log_tail(path, lines=LOG_TAIL_LINES):
+    """A failed run's log tail for the model: its last lines, each cut to LOG_LINE_CHARS and all to
+    LOG_TAIL_CHARS (saying so), keys and tokens masked; read from the log's end only."""
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_READ_BYTES))
+        text = f.read().decode(errors="replace")
+    kept = []
+    for line in text.splitlines()[-lines:]:
+        cut = len(line) - LOG_LINE_CHARS
+        kept.append(line if cut <= 0 else f"{line[:LOG_LINE_CHARS]} [... {cut:,} more characters cut]")
+    tail = "\n".join(kept)
+    if len(tail) > LOG_TAIL_CHARS:
+        tail = f"[... {len(tail) - LOG_TAIL_CHARS:,} characters cut]\n" + tail[-LOG_TAIL_CHARS:]
+    return mask_secrets(tail)
 
 
 def fixed_prepare_parts(source):

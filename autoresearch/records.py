@@ -318,11 +318,16 @@ def git_input(repo, text, *args):
     return proc.stdout.strip()
 
 
+# The driver's git runs no hook and no command that a run could have planted in the repository
+# (.git/hooks, core.fsmonitor): it runs outside any sandbox, with the API key in its environment.
+GIT_SAFE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
+
+
 def run_git(repo, args, env=None, stdin=None):
-    """git, its messages in English; a lock file left by a killed git is removed, one that a live
-    git holds is waited for."""
+    """git, its messages in English, with no hooks (GIT_SAFE); a lock file left by a killed git is
+    removed, one that a live git holds is waited for."""
     for _ in range(GIT_LOCK_TRIES):
-        proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, input=stdin,
+        proc = subprocess.run(["git", *GIT_SAFE, *args], cwd=repo, capture_output=True, text=True, input=stdin,
                               env={**os.environ, "LC_ALL": "C", "LANGUAGE": "C", **(env or {})})
         lock = re.search(r"Unable to create '([^']+\.lock)': File exists", proc.stderr)
         if proc.returncode == 0 or not lock:
@@ -357,8 +362,14 @@ def git_running_in(repo):
 
 def train_py_at(repo, commit):
     """train.py as committed, byte for byte."""
-    return subprocess.run(["git", "show", f"{commit}:train.py"], cwd=repo, capture_output=True, text=True,
+    return subprocess.run(["git", *GIT_SAFE, "show", f"{commit}:train.py"], cwd=repo, capture_output=True, text=True,
                           check=True).stdout
+
+
+def read_git_config(repo):
+    """(path, bytes) of the repository's own git config (.git/config, shared by its worktrees)."""
+    path = Path(git(repo, "rev-parse", "--path-format=absolute", "--git-common-dir")) / "config"
+    return path, path.read_bytes() if path.exists() else None
 
 
 def on_branch(repo, branch):

@@ -2,9 +2,11 @@
 
 train.py is written by an LLM and runs unattended. Inside the sandbox it has its own PID
 namespace (it cannot see or signal the driver, or read its environment through /proc), no
-capabilities (also when the driver runs as root), no network unless --allow-network, a private
-/tmp, and a read-only view of the whole file system except the experiment's own run directory and
-its own copy of the compile cache; the validation data and the night's logs are not there at all.
+capabilities (also when the driver runs as root: it cannot remount, mount or unmount anything,
+nor enter another namespace), no network unless --allow-network, a /tmp of its own, empty home
+folders ($HOME, /root, /home: no keys, tokens or shell history) but for what it needs in them, and
+a read-only view of the rest of the file system except the experiment's own run directory and its
+own copy of the compile cache; the validation data and the night's logs are not there at all.
 What CUDA needs stays available: the /dev/nvidia* (and /dev/dri) device nodes are bound in, the driver's libraries,
 /sys and /proc/driver/nvidia are readable. Paths under /tmp that the run reads (the repository,
 the prepared data, the Python environment) are bound back in read-only.
@@ -36,20 +38,29 @@ class Sandbox:
             return "off"
         return "bubblewrap" + (", network allowed" if self.allow_network else ", no network")
 
-    def wrap(self, argv, cwd, readable=(), writable=(), hidden=()):
+    def wrap(self, argv, cwd, readable=(), writable=(), hidden=(), tmp=None):
         """argv run inside the sandbox (unchanged when it is off), with no capabilities (root's too): cwd
         and `readable` read-only; `hidden` files and folders empty (the validation data, the night's
-        logs; cwd stays visible); `writable` (each existing, a path or a (source, where) pair) writable."""
+        logs; cwd stays visible); `writable` (each existing, a path or a (source, where) pair) writable;
+        `tmp` (a folder) its /tmp, else an empty tmpfs. Home folders are empty and read-only but for
+        what the run needs in them (cwd, `readable`, Python and its packages)."""
         if not self.bwrap:
             return list(argv)
-        args = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+        args = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+                *(["--bind", str(tmp), "/tmp"] if tmp else ["--tmpfs", "/tmp"]),
                 "--unshare-pid", "--unshare-ipc", "--die-with-parent", "--cap-drop", "ALL"]
         if not self.allow_network:
             args.append("--unshare-net")
         for device in sorted({d for pattern in DEVICE_GLOBS for d in glob.glob(pattern)}):
             args += ["--dev-bind", device, device]
-        for path in hidden_by_private_tmp([cwd, *readable, *python_paths()]):
+        needed = [str(Path(p).resolve()) for p in [cwd, *readable, *python_paths()] if p]
+        homes = [h for h in home_folders() if not any(Path(h).is_relative_to(p) for p in needed)]
+        for home in homes:
+            args += ["--tmpfs", home]
+        for path in inside(needed, ["/tmp", *homes]):
             args += ["--ro-bind", path, path]
+        for home in homes:
+            args += ["--remount-ro", home]
         hidden = sorted({str(p) for p in hidden if Path(p).exists()})
         for path in hidden:
             args += ["--tmpfs", path] if Path(path).is_dir() else ["--ro-bind", "/dev/null", path]
@@ -64,17 +75,27 @@ class Sandbox:
 
 
 def python_paths():
-    """Where this Python and its packages live (train.py runs with the same interpreter)."""
-    return [sys.prefix, sys.base_prefix, os.path.dirname(sys.executable), *sys.path,
-            *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    """Where this Python, its packages and the libraries it loads live (train.py runs with the same
+    interpreter)."""
+    return [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+            os.path.dirname(sys.executable), *sys.path, *os.environ.get("PYTHONPATH", "").split(os.pathsep),
+            *os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep)]
 
 
-def hidden_by_private_tmp(paths):
-    """The existing directories among `paths` that the sandbox's empty /tmp would hide, outermost
-    first and without those inside another (binding those is enough)."""
-    found = sorted({str(Path(p).resolve()) for p in paths
-                    if p and Path(p).is_dir() and Path(p).resolve().is_relative_to("/tmp")})
-    found = [p for p in found if Path(p) != Path("/tmp")]
+def home_folders():
+    """The folders that hold people's files (keys, tokens, shell history): $HOME, /root and /home,
+    where they exist and are not the whole file system."""
+    found = {str(Path(p).resolve()) for p in (os.environ.get("HOME", ""), "/root", "/home") if p and Path(p).is_dir()}
+    found = sorted(p for p in found if p != "/")
+    return [p for i, p in enumerate(found) if not any(Path(p).is_relative_to(q) for q in found[:i])]
+
+
+def inside(paths, roots):
+    """The existing directories among `paths` that lie in one of `roots` (which the sandbox replaces
+    with empty ones), outermost first and without those inside another (binding those is enough)."""
+    found = sorted({str(Path(p).resolve()) for p in paths if p and Path(p).is_dir()
+                    and any(Path(p).resolve().is_relative_to(r) for r in roots)})
+    found = [p for p in found if p not in roots]
     return [p for i, p in enumerate(found) if not any(Path(p).is_relative_to(q) for q in found[:i])]
 
 

@@ -21,6 +21,7 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -379,12 +380,18 @@ def check(score, prepare, path, launch, stop_s, positions=None):
     return compare(score.nats[r, t], verified, r, t)
 
 
-def end_group(proc):
-    """SIGKILL a process group of its own (the checking process and whatever it started)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def end_group(proc, grace_s=15.0):
+    """End a process group of its own (the checking process's supervisor, which ends whatever it
+    started): SIGTERM, then SIGKILL after grace_s."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, signum)
+            proc.wait(timeout=grace_s)
+            return
+        except (ProcessLookupError, PermissionError):
+            break
+        except subprocess.TimeoutExpired:
+            pass
     proc.wait()
 
 

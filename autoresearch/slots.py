@@ -99,7 +99,7 @@ def start(slot, ctx, night, job, events, check_below=math.inf, fill_cache=False)
             slot.worktree, log_path, seed, ctx.timeout_s, night.settings, slot.pid_file, ctx.pass_env,
             ctx.sandbox, ctx.prepare.CACHE_DIR, None if slot.gpu is None else {"CUDA_VISIBLE_DEVICES": slot.gpu},
             readable=[ctx.repo], prepare=ctx.prepare, hidden=[ctx.run_dir.parent], check_below=check_below,
-            fill_cache=fill_cache)
+            fill_cache=fill_cache, limits=ctx.limits)
     in_thread(events, "run", slot, target)
 
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoresearch import records, scoring
+from autoresearch import prompt, records, scoring
 from autoresearch.records import write_atomic
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding this package
@@ -31,13 +31,39 @@ PASS_ENV_NAMES = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "LAN
                   "CC", "CXX", "CPATH", "LIBRARY_PATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH"}  # compilers: Triton
 PASS_ENV_PREFIXES = ("AUTORESEARCH_", "LC_", "CUDA_", "NVIDIA_", "TORCH", "PYTORCH_", "TRITON_", "OMP_",
                      "MKL_", "NCCL_", "CUDNN_", "CUBLAS_", "CONDA_")
-# Execs argv[2:] once the kernel is asked to SIGKILL it when its parent (pid argv[1]) dies
-# (PR_SET_PDEATHSIG = 1, SIGKILL = 9): a Ray task's training must not outlive the worker that
-# Ray kills to cancel it, or it holds the node's GPU. (bubblewrap's --die-with-parent does this
-# in the sandbox.)
-DIE_WITH_PARENT = ("import ctypes, os, sys; ctypes.CDLL(None, use_errno=True).prctl(1, 9); "
-                   "os.getppid() == int(sys.argv[1]) or os._exit(137); "
-                   "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+SUPERVISE = Path(__file__).with_name("supervise.py")  # every run's parent: its limits, and no process left
+GiB = 2**30
+
+
+@dataclass
+class Limits:
+    """What one run may use (--run-limits), far above what the real train.py needs at the defaults
+    (a model's weights, a few hundred MB; a log of a few MB; tens of processes): a run past one is
+    killed and is a crash row that says which, its files removed (its log kept)."""
+    file: int = 16 * GiB           # one file's size (the largest weights the scorer takes)
+    written: int = 32 * GiB        # bytes on disk in its run directory and its /tmp together
+    output: int = 1 * GiB          # what it prints (its log)
+    processes: int = 1024          # processes at once
+    tasks: int = 16384             # processes and threads: the kernel's ceiling, where it can be set
+
+    def describe(self):
+        return (f"file {self.file / GiB:g}G, written {self.written / GiB:g}G, output {self.output / GiB:g}G, "
+                f"processes {self.processes}")
+
+
+def parse_limits(text):
+    """--run-limits written=64G,file=20G,output=2G,processes=2048 (K, M, G suffixes; unnamed ones
+    keep their defaults)."""
+    limits = Limits()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)", value.strip().upper())
+        if name.strip() not in ("file", "written", "output", "processes") or not m or float(m[1]) <= 0:
+            raise SystemExit(f"autoresearch: --run-limits {text!r}: give name=value pairs among file, written, "
+                             "output (bytes, K/M/G) and processes, e.g. written=64G,processes=2048")
+        setattr(limits, name.strip(), int(float(m[1]) * 1024 ** "_KMG".index(m[2] or "_")))
+    limits.tasks = max(limits.tasks, 16 * limits.processes)
+    return limits
 
 
 @dataclass
@@ -70,14 +96,15 @@ def withheld_names(pass_env=()):
 
 
 def kill_group(proc):
-    """SIGTERM the whole process group, then SIGKILL whatever is left (grandchildren too)."""
+    """SIGTERM the whole process group (the supervisor passes it on to every descendant, also those
+    that left the group, and kills what is left after KILL_GRACE_S), then SIGKILL whatever is left."""
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
         try:
-            proc.wait(timeout=KILL_GRACE_S)
+            proc.wait(timeout=KILL_GRACE_S + 5)
         except subprocess.TimeoutExpired:
             pass
     try:
@@ -95,10 +122,22 @@ def kill_stale_training(pid_file):
     try:
         if pid and b"train.py" in Path(f"/proc/{pid}/cmdline").read_bytes() and os.getpgid(pid) == pid:
             print(f"ending the training process group {pid} left by a previous driver", flush=True)
+            os.killpg(pid, signal.SIGTERM)  # (its supervisor ends every descendant, then itself)
+            deadline = time.time() + KILL_GRACE_S + 5
+            while time.time() < deadline and alive(pid):
+                time.sleep(0.1)
             os.killpg(pid, signal.SIGKILL)
     except (OSError, ProcessLookupError):
         pass  # already gone
-    pid_file.unlink()
+    pid_file.unlink(missing_ok=True)  # (the run's own thread may remove it meanwhile)
+
+
+def alive(pid):
+    """Whether a process runs (not a zombie that its new parent has yet to reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def number(text):
@@ -125,7 +164,7 @@ SCORED_THEN_FAILED = "refused: train.py exited with code"  # a run that knew its
 def fixable(failure):
     """Whether a failed run may go back to the LLM for a fix: not one that failed after it was scored
     (it knew its score, so failing then could buy another draw)."""
-    return not failure.startswith(SCORED_THEN_FAILED)
+    return not failure.startswith(SCORED_THEN_FAILED) and not failure.endswith("after its model was scored")
 
 
 def impossible(val_bpb):
@@ -160,34 +199,39 @@ def summary_failure(log_text, returncode, settings, seed):
 
 def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(), sandbox=None, cache_dir=None,
                  extra_env=None, readable=(), die_with_parent=False, prepare=None, hidden=(), check_below=math.inf,
-                 fill_cache=False):
-    """Run `python train.py` in `repo` (a slot's worktree) time-boxed, with `extra_env` (e.g. the
-    slot's CUDA_VISIBLE_DEVICES), in the sandbox when there is one (`readable` read-only, e.g. the
-    user's checkout that holds the worktree's git data; `hidden`, e.g. the night's logs, and the
-    validation data not there at all; writable: only the run's own directory, $AUTORESEARCH_RUN_DIR
-    beside its log, and its own copy of the compile cache), scored by the driver's scorer (`prepare`'s
-    rows), and checked by a fresh process when it scores below `check_below`. `fill_cache`: a run of
-    trusted code (the baseline) whose compile cache later runs start from. With die_with_parent it is
-    killed when this process dies (a Ray worker: no driver cleans up after it on its node)."""
-    start = time.time()
+                 fill_cache=False, limits=None):
+    """Run `python train.py` in `repo` (a slot's worktree) time-boxed, under the supervisor and its
+    `limits`, with `extra_env` (e.g. the slot's CUDA_VISIBLE_DEVICES), in the sandbox when there is
+    one (`readable` read-only, e.g. the user's checkout that holds the worktree's git data; `hidden`,
+    e.g. the night's logs, and the validation data not there at all; writable: only the run's own
+    directory, $AUTORESEARCH_RUN_DIR beside its log, its own /tmp beside that, and its own copy of the
+    compile cache), scored by the driver's scorer (`prepare`'s rows), and checked by a fresh process
+    when it scores below `check_below`. `fill_cache`: a run of trusted code (the baseline) whose
+    compile cache later runs start from. With die_with_parent it ends when this process dies (a Ray
+    worker: no driver cleans up after it on its node)."""
+    start, limits = time.time(), limits or Limits()
     files = Path(log_path).with_name(Path(log_path).stem + "-files")  # the run's own directory, for what it writes
-    files.mkdir(parents=True, exist_ok=True)
+    tmp = Path(log_path).with_name(Path(log_path).stem + "-tmp")  # its /tmp (on disk, counted, removed after)
+    shutil.rmtree(tmp, ignore_errors=True)
+    for folder in (files, tmp):
+        folder.mkdir(parents=True, exist_ok=True)
     sock_dir, trusted = scoring.short_socket_dir(), scoring.short_socket_dir()  # (in /tmp: no sandbox sees them)
     scorer = None
     try:
         argv = [sys.executable, "train.py"]
         extra = {**(extra_env or {}), "AUTORESEARCH_RUN_DIR": str(files), "AUTORESEARCH_SCORER": str(sock_dir / "s"),
-                 "PYTHONPATH": python_path()}
+                 "PYTHONPATH": python_path(), "TMPDIR": str(tmp)}
         boxed = bool(sandbox and sandbox.bwrap)
         layer = trusted / "layer" if boxed else None  # the run's own compile cache (its path hidden from the run)
         box = dict(readable=[cache_dir, *readable, PACKAGE_ROOT],
                    hidden=[*hidden, *prepare.validation_files()]) if boxed else {}
         if boxed:
             start_cache(Path(cache_dir), layer)
-            extra.update(cache_env(cache_dir))
-            argv = sandbox.wrap(argv, repo, writable=[files, sock_dir, (layer, cache_path(cache_dir))], **box)
-        elif die_with_parent:
-            argv = [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), "train.py"]
+            extra.update(cache_env(cache_dir), TMPDIR="/tmp")
+            argv = sandbox.wrap(argv, repo, writable=[files, sock_dir, (layer, cache_path(cache_dir))], tmp=tmp, **box)
+        report = trusted / "limit"
+        argv = supervised(argv, limits, report, [files, tmp, *([layer] if layer else [])], log_path,
+                          die_with_parent)
         scorer = scoring.Scorer(prepare, sock_dir / "s", files, trusted, layer, log_path).start()
         with open(log_path, "wb") as log:
             returncode, timed_out = run_group(argv, repo, log, training_env(seed, pass_env, extra), timeout_s, pid_file)
@@ -196,7 +240,11 @@ def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(
         log_text = read_tail(log_path)
         if score:
             set_aside_scored_output(log_path, score.log_bytes, log_text)
-        if timed_out:
+        limit = report.read_text() if report.exists() else ""
+        if limit:
+            failure = f"stopped at a limit: {limit}" + (" after its model was scored" if score else "")
+            shutil.rmtree(files, ignore_errors=True)  # (what it wrote; its log stays)
+        elif timed_out:
             failure = f"timed out after {timeout_s:.0f} s (the whole process group was killed)"
         elif returncode != 0:
             failure = f"{SCORED_THEN_FAILED} {returncode} after its model was scored (a run must exit with 0)" \
@@ -205,17 +253,26 @@ def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(
             failure = unscored or summary_failure(log_text, returncode, settings, seed) or impossible(score.val_bpb)
         if not failure and score.val_bpb < check_below:
             failure = check_score(score, repo, prepare, trusted, pass_env, seed, extra_env, sandbox, cache_dir, box,
-                                  timeout_s)
+                                  timeout_s, limits)
         if not failure and fill_cache and boxed:
             trust_cache(Path(cache_dir), score.cache)  # (as it was before any validation input was seen)
     finally:
         if scorer is not None:
             scorer.finish(wait_s=0)
-        scoring.remove(sock_dir, trusted, files / scoring.WEIGHTS_NAME)
+        scoring.remove(sock_dir, trusted, tmp, files / scoring.WEIGHTS_NAME)
     if failure:
         return RunResult(None, 0.0, seconds, failure)
     vram_mb = number(parse_summary(summary_blocks(log_text)[0]).get("peak_vram_mb"))
     return RunResult(score.val_bpb, vram_mb if math.isfinite(vram_mb) else 0.0, seconds, "")
+
+
+def supervised(argv, limits, report, watch, log_path, die_with_parent=False):
+    """argv under supervise.py: its limits held (the reason for a stop written to `report`), and
+    every process it starts ended with it."""
+    config = {"file": limits.file, "written": limits.written, "output": limits.output, "processes": limits.processes,
+              "tasks": limits.tasks, "grace_s": KILL_GRACE_S, "report": str(report), "log": str(log_path),
+              "watch": [str(w) for w in watch], "parent": os.getpid() if die_with_parent else None}
+    return [sys.executable, str(SUPERVISE), json.dumps(config), "--", *argv]
 
 
 def set_aside_scored_output(log_path, scored_at, log_text):
@@ -253,32 +310,35 @@ def run_group(argv, cwd, log, env, timeout_s, pid_file):
     return proc.returncode, timed_out
 
 
-def check_score(score, repo, prepare, trusted, pass_env, seed, extra_env, sandbox, cache_dir, box, timeout_s):
+def check_score(score, repo, prepare, trusted, pass_env, seed, extra_env, sandbox, cache_dir, box, timeout_s, limits):
     """The check of a score (scoring.check): a fresh process, in a folder of its own with train.py,
     prepare.py and the weights saved before scoring, sees only the probes; "" when it agrees. A failure
     of the driver's own is a refusal that says so, never the end of the night."""
     try:
         return check_in(trusted / "check", score, repo, prepare, pass_env, seed, extra_env, sandbox, cache_dir, box,
-                        timeout_s)
+                        timeout_s, limits)
     except Exception as error:  # noqa: BLE001
         return f"refused: the driver could not check the score: {type(error).__name__}: {error}"
 
 
-def check_in(work, score, repo, prepare, pass_env, seed, extra_env, sandbox, cache_dir, box, timeout_s):
-    sock_dir = scoring.short_socket_dir()  # (no run has seen it)
+def check_in(work, score, repo, prepare, pass_env, seed, extra_env, sandbox, cache_dir, box, timeout_s, limits):
+    sock_dir, tmp, report = scoring.short_socket_dir(), work.with_name("check-tmp"), work.with_name("check-limit")
     work.mkdir()
+    tmp.mkdir()
     for name in ("train.py", "prepare.py"):
         shutil.copy(Path(repo) / name, work / name)
     shutil.copy(score.weights, work / scoring.WEIGHTS_NAME)
     if records.sha256_file(work / scoring.WEIGHTS_NAME) != score.weights_sha256:
         return "refused: the saved weights changed after the run was scored"
     extra = {**(extra_env or {}), "AUTORESEARCH_RUN_DIR": str(work), "AUTORESEARCH_SCORER": str(sock_dir / "check"),
-             "AUTORESEARCH_CHECK_AUTOCAST": score.autocast, "PYTHONPATH": python_path()}
-    argv = [sys.executable, "-c", "import prepare; prepare.serve_saved_model()"]
+             "AUTORESEARCH_CHECK_AUTOCAST": score.autocast, "PYTHONPATH": python_path(), "TMPDIR": str(tmp)}
+    argv, watch = [sys.executable, "-c", "import prepare; prepare.serve_saved_model()"], [work, tmp]
     if sandbox and sandbox.bwrap:  # its compile cache: a copy of the run's as it was before scoring began
         cache = scoring.copy_files(score.cache, work.with_name("check-cache"))  # (score.cache may fill the trusted one)
-        extra.update(cache_env(cache_dir))
-        argv = sandbox.wrap(argv, work, writable=[work, sock_dir, (cache, cache_path(cache_dir))], **box)
+        extra.update(cache_env(cache_dir), TMPDIR="/tmp")
+        argv = sandbox.wrap(argv, work, writable=[work, sock_dir, (cache, cache_path(cache_dir))], tmp=tmp, **box)
+        watch.append(cache)
+    argv = supervised(argv, limits, report, watch, work / "check.log")
     log = open(work / "check.log", "wb")
 
     def launch():
@@ -289,9 +349,12 @@ def check_in(work, score, repo, prepare, pass_env, seed, extra_env, sandbox, cac
     finally:
         log.close()
         scoring.remove(sock_dir)
+    if failure and report.exists():
+        return f"refused: the check of its score stopped at a limit: {report.read_text()}"
     if failure:
         tail = read_tail(work / "check.log", 4096).strip().splitlines()[-3:]
-        failure += ("; its last lines: " + " | ".join(tail))[:600] if tail and "exited" in failure else ""
+        if tail and "exited" in failure:
+            failure += prompt.mask_secrets("; its last lines: " + " | ".join(tail))[:600]
     return failure
 
 

@@ -61,7 +61,7 @@ def test_a_node_with_another_prepare_py_is_refused(repo, fake, ray_instance, tmp
     (node / "prepare.py").write_text((node / "prepare.py").read_text() + "# another metric\n")
 
     class Ctx:  # what RayRunner.run reads of the loop's context
-        timeout_s, pass_env, sandbox = 60.0, (), None
+        timeout_s, pass_env, sandbox, limits = 60.0, (), None, training.Limits()
     source = git(repo, "show", "HEAD:train.py") + "\n"
     result = cluster.RayRunner(str(node), 2).run(source, Ctx(), night, 42, tmp_path / "train.log")
     assert result.val_bpb is None and result.failure.startswith("refused: node ")
@@ -81,7 +81,7 @@ def test_a_cancelled_task_leaves_no_training_on_its_node(repo, fake, ray_instanc
         "SLEEP_S = 0.0", f"SLEEP_S = 120.0\nPath({str(pid_file)!r}).write_text(str(os.getpid()))")
 
     class Ctx:  # what RayRunner.run reads of the loop's context
-        timeout_s, pass_env, sandbox = 300.0, (), None
+        timeout_s, pass_env, sandbox, limits = 300.0, (), None, training.Limits()
     runner, results = cluster.RayRunner(str(repo), 2), []
     thread = threading.Thread(target=lambda: results.append(runner.run(source, Ctx(), night, 42, tmp_path / "l")))
     thread.start()

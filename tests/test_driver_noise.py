@@ -126,11 +126,29 @@ def test_a_changed_metric_stops_the_run(noisy, fake):
     with pytest.raises(SystemExit) as stop:
         run("--max-experiments", "2")
     assert "prepare.py or the prepared validation data changed" in str(stop.value)
-    assert len(rows(noisy)) == 3  # nothing from the other metric was recorded
+    r = rows(noisy)  # nothing from the other metric was recorded: the run that changed it is a refused crash
+    assert len(r) == 4 and r[3]["status"] == "crash" and "refused: train.py changed prepare.py" in r[3]["description"]
     assert branch_log(noisy)[0] == "noisy stand-in"
     with pytest.raises(SystemExit) as again:  # and the run cannot be resumed on the changed metric
         run("--max-experiments", "2")
     assert "changed since run t started" in str(again.value)
+
+
+def test_a_train_py_that_rewrites_the_shared_prepare_py_is_recorded_and_the_tag_resumes(noisy, fake):
+    """Without the sandbox it could: it is recorded as a refused crash before the night stops, so
+    after `git checkout prepare.py` the same tag resumes with the next idea, not the same run."""
+    fake.replies += [edit("sneaky", (MODE_LINE, 'MODE = "touch_main_prepare"'), (BASE_LINE, "TRUE_BPB = 0.900000")),
+                     edit("honest", (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    with pytest.raises(SystemExit) as stop:
+        run("--max-experiments", "2")
+    assert "prepare.py or the prepared validation data changed" in str(stop.value)
+    assert "changed by train.py" in (noisy / "prepare.py").read_text()
+    assert [x["status"] for x in rows(noisy)][3:] == ["crash"]
+    git(noisy, "checkout", "prepare.py")
+    assert run("--max-experiments", "2") == 0
+    r = rows(noisy)[3:]
+    assert [(x["description"].split(" [")[0], x["status"]) for x in r][:2] == [("sneaky", "crash"), ("honest", "keep")]
+    assert "changed by train.py" not in (noisy / "prepare.py").read_text()
 
 
 def test_a_train_py_that_changes_its_own_prepare_py_is_refused(noisy, fake):

@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +41,17 @@ def secret_holder():
 
 
 @pytest.fixture
+def home_secret(monkeypatch):
+    """A private key in the home folder of the user the driver runs as (root's in CI)."""
+    folder = Path.home() / f".autoresearch-test-{os.getpid()}"
+    folder.mkdir()
+    (folder / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nhome-secret\n")
+    monkeypatch.setenv("STANDIN_HOME_SECRET", str(folder / "id_ed25519"))
+    yield folder / "id_ed25519"
+    shutil.rmtree(folder)
+
+
+@pytest.fixture
 def listener():
     """A TCP server on loopback that the sandboxed train.py must not reach."""
     server = socket.create_server(("127.0.0.1", 0))
@@ -53,30 +66,46 @@ def probe_report(repo, experiment="0001"):
 
 
 @needs_bwrap
-def test_a_sandboxed_train_py_reaches_nothing_but_its_run_directory(repo, fake, listener, secret_holder, monkeypatch,
-                                                                   capsys):
+def test_a_sandboxed_train_py_reaches_nothing_but_its_run_directory(repo, fake, listener, secret_holder, home_secret,
+                                                                   monkeypatch, capsys):
+    """Also as root (CI runs the tests as root): no capability is left to remount, unmount /proc (the
+    host's beneath it), mount another, or enter a namespace; no hook or config can be planted for the
+    driver's git; program.md stays as it is; nothing in the home folder is there."""
     monkeypatch.setenv("STANDIN_PORT", str(listener))
+    monkeypatch.setenv("STANDIN_SANDBOXED", "1")
     fake.replies += [edit("probe", (MODE_LINE, 'MODE = "probe_sandbox"'), (BASE_LINE, "TRUE_BPB = 0.990000"))]
-    assert run("--max-experiments", "1", "--greedy", "--sandbox", "on", "--pass-env", "STANDIN_PORT") == 0
+    assert run("--max-experiments", "1", "--greedy", "--sandbox", "on", "--pass-env", "STANDIN_PORT",
+               "--pass-env", "STANDIN_SANDBOXED", "--pass-env", "STANDIN_HOME_SECRET") == 0
     assert probe_report(repo) == {
         "secret_in_env": False, "secret_in_proc": False, "write_results_tsv": False, "write_journal": False,
         "write_git": False, "write_prepare_py": False, "write_tokens": False, "write_experiment_dir": False,
         "write_run_dir": True, "write_compile_cache": True, "read_val": False, "read_logs": False,
-        "remount_root": False, "tcp_loopback": False}
+        "remount_root": False, "tcp_loopback": False, "write_program_md": False, "write_git_hook": False,
+        "write_git_config": False, "read_home": False, "remount_root_libc": False, "umount_proc": False,
+        "mount_proc": False, "setns_net": False}
     assert [x["status"] for x in rows(repo)] == ["keep", "keep"]  # it trained and printed its summary
     out = capsys.readouterr().out
     assert "sandbox bubblewrap, no network" in out
 
 
 @needs_bwrap
-def test_the_same_train_py_without_the_sandbox_reaches_everything(repo, fake, listener, secret_holder, monkeypatch):
-    """The probe can tell: unsandboxed, the driver's secret and its records are within reach."""
+def test_the_same_train_py_without_the_sandbox_reaches_everything(repo, fake, listener, secret_holder, home_secret,
+                                                                  monkeypatch):
+    """The probe can tell: unsandboxed, the driver's secret and its records are within reach. The
+    hook and the git config command it plants never run (the driver's git runs no hooks, and the
+    config is put back), and the run is refused for it."""
     monkeypatch.setenv("STANDIN_PORT", str(listener))
     fake.replies += [edit("probe", (MODE_LINE, 'MODE = "probe_sandbox"'), (BASE_LINE, "TRUE_BPB = 0.990000"))]
-    assert run("--max-experiments", "1", "--greedy", "--sandbox", "off", "--pass-env", "STANDIN_PORT") == 0
+    assert run("--max-experiments", "1", "--greedy", "--sandbox", "off", "--fix-attempts", "0",
+               "--pass-env", "STANDIN_PORT", "--pass-env", "STANDIN_HOME_SECRET") == 0
     report = probe_report(repo)
     assert report["secret_in_proc"] and report["write_results_tsv"] and report["write_journal"]
     assert report["write_prepare_py"] and report["tcp_loopback"] and report["read_val"] and report["read_logs"]
+    assert report["read_home"] and report["write_git_hook"] and report["write_git_config"]
+    assert not (repo / "planted-command-ran").exists()  # neither ran in the driver's git commands
+    assert "fsmonitor" not in (repo / ".git/config").read_text()
+    r = rows(repo)[1]
+    assert r["status"] == "crash" and "train.py changed git's config" in r["description"]
 
 
 @needs_bwrap
@@ -144,3 +173,33 @@ def test_nothing_a_run_writes_into_the_compile_cache_reaches_a_later_run(repo, f
     assert run("--max-experiments", "3", "--greedy", "--sandbox", "on", "--pass-env", "STANDIN_CHECK_WRITES") == 0
     assert "changed since a trusted run filled it" in capsys.readouterr().out
     assert "cache: {}" in (repo / "runs/t/0003/train.log").read_text()
+
+
+@needs_bwrap
+def test_inside_the_sandbox_what_a_run_writes_to_tmp_counts_and_its_tmp_is_removed(repo, fake, monkeypatch):
+    monkeypatch.setenv("STANDIN_WRITE_DIR", "/tmp")
+    fake.replies += [edit("fills /tmp", (MODE_LINE, 'MODE = "write_big"'))]
+    assert run("--max-experiments", "1", "--greedy", "--sandbox", "on", "--fix-attempts", "0",
+               "--run-limits", "written=2M") == 0
+    r = rows(repo)
+    assert r[1]["status"] == "crash" and "stopped at a limit: it wrote more than 2 MiB" in r[1]["description"]
+    assert not (repo / "runs/t/0001/train-tmp").exists()
+
+
+@needs_bwrap
+def test_results_tsv_deleted_by_a_person_during_a_sandboxed_run_blames_no_run(repo, fake, capsys):
+    """In the sandbox the run could not have: the file is rebuilt and the run counts."""
+    fake.replies += [edit("slow", ("SLEEP_S = 0.0", "SLEEP_S = 3.0"), (BASE_LINE, "TRUE_BPB = 0.990000"))]
+
+    def person():
+        deadline = time.time() + 60
+        while time.time() < deadline and not (repo / "runs/t/0001/train.log").exists():
+            time.sleep(0.05)
+        time.sleep(1.0)
+        (repo / "results.tsv").unlink()
+    thread = threading.Thread(target=person, daemon=True)
+    thread.start()
+    assert run("--max-experiments", "1", "--greedy", "--sandbox", "on") == 0
+    thread.join()
+    assert [(x["description"], x["status"]) for x in rows(repo)] == [("baseline", "keep"), ("slow", "keep")]
+    assert "results.tsv was deleted" in capsys.readouterr().out

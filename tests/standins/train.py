@@ -40,6 +40,24 @@ if MODE == "hang":  # a grandchild that ignores SIGTERM, then sleep past any tim
                               "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
     Path(os.environ["STANDIN_GRANDCHILD_FILE"]).write_text(str(child.pid))
     time.sleep(600)
+if MODE == "setsid_grandchild":  # a daemon in a session of its own; train.py itself goes on and ends
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    Path(os.environ["STANDIN_GRANDCHILD_FILE"]).write_text(str(child.pid))
+if MODE == "write_big":  # fills its run directory (or /tmp), then trains on
+    with open(Path(os.environ.get("STANDIN_WRITE_DIR") or os.environ["AUTORESEARCH_RUN_DIR"]) / "big.bin", "wb") as f:
+        for _ in range(8):
+            f.write(os.urandom(1 << 20))
+    time.sleep(3)
+if MODE == "flood":  # one endless line
+    while True:
+        sys.stdout.write("x" * (1 << 20))
+if MODE == "spawn":  # many processes at once
+    children = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) for _ in range(40)]
+    time.sleep(3)
+if MODE == "long_line_crash":  # a line of 8 MiB, a secret it read, then a crash
+    print("y" * (8 << 20), flush=True)
+    print(f"read: {os.environ.get('STANDIN_SECRET_TEXT', '')}", flush=True)
+    raise RuntimeError("stand-in crash after a long line")
 if MODE == "slow_once" and not Path(os.environ["STANDIN_ONCE_FILE"]).exists():
     Path(os.environ["STANDIN_ONCE_FILE"]).write_text("x")
     time.sleep(600)
@@ -54,20 +72,13 @@ if MODE == "wrong_seed":
 # the user's checkout, where the driver keeps results.tsv and its branch (train.py runs in a worktree)
 MAIN = Path(subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], capture_output=True,
                            text=True).stdout.strip()).parent
-if MODE == "write_tsv":  # a row of its own in the driver's results.tsv
-    with open(MAIN / "results.tsv", "a") as f:
-        f.write("deadbee\t0.100000\t1.0\tkeep\ta row train.py wrote\n")
-if MODE == "write_tsv_no_newline":
-    with open(MAIN / "results.tsv", "a") as f:
-        f.write("deadbee\t0.100000\t1.0\tkeep\ta row train.py wrote")
-if MODE == "delete_tsv":
-    os.remove(MAIN / "results.tsv")
-if MODE == "git_checkout":  # moves the user's checkout off the driver's branch
-    subprocess.run(["git", "-C", str(MAIN), "checkout", "-q", "master"], check=True)
-if MODE == "git_checkout_worktree":  # moves its own worktree onto a branch
-    subprocess.run(["git", "checkout", "-q", "-b", "train-py-was-here"], check=True)
 if MODE == "probe_sandbox":  # what a careless train.py could reach, each attempt reported
+    import ctypes
     import socket
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    MS_REMOUNT, MS_BIND, MNT_DETACH = 32, 4096, 2
+    RAN = MAIN / "planted-command-ran"
 
     def can(action):
         try:
@@ -99,8 +110,36 @@ if MODE == "probe_sandbox":  # what a careless train.py could reach, each attemp
         "read_logs": can(lambda: (MAIN / "runs/t/0000/train.log").read_text()),
         "remount_root": subprocess.run(["mount", "-o", "remount,rw,bind", "/"], capture_output=True).returncode == 0,
         "tcp_loopback": can(lambda: socket.create_connection(("127.0.0.1", int(os.environ["STANDIN_PORT"])), 2)),
+        "write_program_md": can(lambda: open(MAIN / "program.md", "a").close()),
+        # a hook and a config command for the driver's next git command, run outside any sandbox
+        "write_git_hook": can(lambda: (MAIN / ".git/hooks/post-checkout").write_text(f"#!/bin/sh\ntouch {RAN}\n")
+                              or os.chmod(MAIN / ".git/hooks/post-checkout", 0o755)),
+        "write_git_config": subprocess.run(["git", "-C", str(MAIN), "config", "core.fsmonitor", f"touch {RAN};:"],
+                                           capture_output=True).returncode == 0,
+        "read_home": can(lambda: Path(os.environ.get("STANDIN_HOME_SECRET", "/nonexistent")).read_text()),
     }
+    if os.environ.get("STANDIN_SANDBOXED"):  # what root could do with its capabilities (only tried in a
+        found.update({                     # sandbox: outside one they would change this machine)
+            "remount_root_libc": libc.mount(b"none", b"/", None, MS_REMOUNT | MS_BIND, None) == 0,
+            "umount_proc": libc.umount2(b"/proc", MNT_DETACH) == 0,  # (the host's /proc lies beneath)
+            "mount_proc": libc.mount(b"proc", os.environ["TMPDIR"].encode(), b"proc", 0, None) == 0,
+            "setns_net": libc.setns(os.open("/proc/self/ns/net", os.O_RDONLY), 0) == 0})
     print("sandbox-probe: " + json.dumps(found), flush=True)
+if MODE == "touch_main_prepare":  # the metric in the user's checkout (which every run shares)
+    with open(MAIN / "prepare.py", "a") as f:
+        f.write("# EVAL_TOKENS changed by train.py\n")
+if MODE == "write_tsv":  # a row of its own in the driver's results.tsv
+    with open(MAIN / "results.tsv", "a") as f:
+        f.write("deadbee\t0.100000\t1.0\tkeep\ta row train.py wrote\n")
+if MODE == "write_tsv_no_newline":
+    with open(MAIN / "results.tsv", "a") as f:
+        f.write("deadbee\t0.100000\t1.0\tkeep\ta row train.py wrote")
+if MODE == "delete_tsv":
+    os.remove(MAIN / "results.tsv")
+if MODE == "git_checkout":  # moves the user's checkout off the driver's branch
+    subprocess.run(["git", "-C", str(MAIN), "checkout", "-q", "master"], check=True)
+if MODE == "git_checkout_worktree":  # moves its own worktree onto a branch
+    subprocess.run(["git", "checkout", "-q", "-b", "train-py-was-here"], check=True)
 if MODE == "fill_cache":  # what a compile leaves in the cache
     (prepare.CACHE_DIR / "torchinductor" / "kernel-baseline.py").write_text("# compiled")
 if MODE == "poison_cache":  # code a later run would load from the cache

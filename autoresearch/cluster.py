@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoresearch import training
+from autoresearch import scoring, training
 
 LOG_BYTES = 4 << 20                # the end of a run's log that comes back from its node (a log can be any size)
 
@@ -55,7 +55,7 @@ class RayRunner:
 
     def cancel_all(self):
         """End the tasks still running (the driver stops): Ray kills their workers, and the kernel
-        their training (run_training's die_with_parent)."""
+        their training (its supervisor's parent-death signal)."""
         import ray
         for ref in list(self.in_flight):
             ray.cancel(ref, force=True)
@@ -104,8 +104,8 @@ def train_on_node(source, project, seed, timeout_s, settings, env, pass_env, san
             box = sandbox.choose("on", sandboxed_network, work)  # refuses, with the reason, where it cannot
         result = training.run_training(work, work / "train.log", seed, timeout_s, settings, work / "train.pid",
                                        pass_env, box, env.get("AUTORESEARCH_CACHE") or prepare.CACHE_DIR,
-                                       extra_env=env, die_with_parent=True, prepare=prepare,
+                                       extra_env=env, prepare=prepare,
                                        check_below=check_below, fill_cache=fill_cache, limits=limits)
         return result, training.read_tail(work / "train.log", LOG_BYTES), hashes, socket.gethostname()
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        scoring.remove(work)

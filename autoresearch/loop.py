@@ -187,7 +187,7 @@ def fix_ask(ctx, night, p, failed):
     path = experiment.conversation_path(p, p.attempt)
     messages = records.load_json(path if path.exists() else Path(p.dir) / "conversation.json")  # (older drivers)
     tail = prompt.log_tail(failed.log) if Path(failed.log).exists() else "(no log)"
-    failure = prompt.mask_secrets(failed.failure)
+    failure = prompt.mask_secrets(failed.failure[:prompt.LOG_TAIL_CHARS])
     messages = ctx.llm.feedback(messages, f"The run failed: {failure}.\n\nLast lines of its log:\n{tail}\n\n"
                                           "Fix train.py with another edit (edits apply to the file as you left it).")
     if p.commit:

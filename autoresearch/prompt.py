@@ -38,8 +38,8 @@ SECRET_RE = re.compile(
     r"-----BEGIN[A-Z ]*PRIVATE KEY-----.*?(?:-----END[A-Z ]*PRIVATE KEY-----|\Z)"  # a private key, to its end
     r"|\b(?:sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|xox[abprs]-[A-Za-z0-9-]{10,}"
     r"|hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{30,}"  # API keys of common shapes
-    r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})"  # a JSON web token
-    r"|(?P<name>(?i:\b(?:api[_-]?key|secret|token|passw(?:or)?d)[\"']?\s*[:=]\s*[\"']?))[^\s\"']{6,}",  # key=value
+    r"|eyJ[A-Za-z0-9_-]{10,2000}\.[A-Za-z0-9_-]{10,2000}\.[A-Za-z0-9_-]{10,})"  # a JSON web token
+    r"|(?P<name>(?i:\b(?:api[_-]?key|secret|token|passw(?:or)?d)[\"']?[ \t]{0,8}[:=][ \t]{0,8}[\"']?))[^\s\"']{6,}",
     re.S)
 
 
@@ -58,7 +58,7 @@ def log_tail(path, lines=LOG_TAIL_LINES):
     LOG_TAIL_CHARS (saying so), keys and tokens masked; read from the log's end only."""
     with open(path, "rb") as f:
         f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_READ_BYTES))
-        text = f.read().decode(errors="replace")
+        text = mask_secrets(f.read().decode(errors="replace"))  # (before any cut: no key split in two)
     kept = []
     for line in text.splitlines()[-lines:]:
         cut = len(line) - LOG_LINE_CHARS
@@ -66,7 +66,7 @@ def log_tail(path, lines=LOG_TAIL_LINES):
     tail = "\n".join(kept)
     if len(tail) > LOG_TAIL_CHARS:
         tail = f"[... {len(tail) - LOG_TAIL_CHARS:,} characters cut]\n" + tail[-LOG_TAIL_CHARS:]
-    return mask_secrets(tail)
+    return tail
 
 
 def fixed_prepare_parts(source):

@@ -4,7 +4,8 @@ train.py is written by an LLM and runs unattended. Inside the sandbox it has its
 namespace (it cannot see or signal the driver, or read its environment through /proc), no
 capabilities (also when the driver runs as root: it cannot remount, mount or unmount anything,
 nor enter another namespace), no network unless --allow-network, a /tmp of its own, empty home
-folders ($HOME, /root, /home: no keys, tokens or shell history) but for what it needs in them, and
+folders ($HOME, /root, /home: no keys, tokens or shell history) but for what it needs in them, an
+empty /run (no service's socket: Docker's or systemd's would take root out of any sandbox), and
 a read-only view of the rest of the file system except the experiment's own run directory and its
 own copy of the compile cache; the validation data and the night's logs are not there at all.
 What CUDA needs stays available: the /dev/nvidia* (and /dev/dri) device nodes are bound in, the driver's libraries,
@@ -54,13 +55,14 @@ class Sandbox:
         for device in sorted({d for pattern in DEVICE_GLOBS for d in glob.glob(pattern)}):
             args += ["--dev-bind", device, device]
         needed = [str(Path(p).resolve()) for p in [cwd, *readable, *python_paths()] if p]
-        homes = [h for h in home_folders() if not any(Path(h).is_relative_to(p) for p in needed)]
-        for home in homes:
-            args += ["--tmpfs", home]
-        for path in inside(needed, ["/tmp", *homes]):
+        emptied = [h for h in home_folders() + run_folders() if not Path(h).is_relative_to("/tmp")
+                   and not any(Path(h).is_relative_to(p) for p in needed)]
+        for folder in emptied:
+            args += ["--tmpfs", folder]
+        for path in inside(needed + kept_in_run(), ["/tmp", *emptied]):
             args += ["--ro-bind", path, path]
-        for home in homes:
-            args += ["--remount-ro", home]
+        for folder in emptied:
+            args += ["--remount-ro", folder]
         hidden = sorted({str(p) for p in hidden if Path(p).exists()})
         for path in hidden:
             args += ["--tmpfs", path] if Path(path).is_dir() else ["--ro-bind", "/dev/null", path]
@@ -88,6 +90,20 @@ def home_folders():
     found = {str(Path(p).resolve()) for p in (os.environ.get("HOME", ""), "/root", "/home") if p and Path(p).is_dir()}
     found = sorted(p for p in found if p != "/")
     return [p for i, p in enumerate(found) if not any(Path(p).is_relative_to(q) for q in found[:i])]
+
+
+def run_folders():
+    """Where services keep their sockets (/run, and /var/run where it is not a link to it): the
+    Docker and systemd sockets there would take root out of any sandbox."""
+    return [p for p in ("/run", "/var/run") if Path(p).is_dir() and not Path(p).is_symlink()]
+
+
+def kept_in_run():
+    """What a run needs of /run, bound back read-only: the NVIDIA persistence daemon's folder (CUDA
+    asks it), and the folder of /etc/resolv.conf's target (systemd-resolved's stub), so that a run
+    allowed the network still resolves names."""
+    resolver = Path("/etc/resolv.conf").resolve().parent
+    return [str(p) for p in (Path("/run/nvidia-persistenced"), resolver) if p.is_dir() and p != Path("/")]
 
 
 def inside(paths, roots):

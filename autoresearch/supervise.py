@@ -5,16 +5,20 @@ until every process the command started is gone, and it holds the run to its lim
 
 - Every descendant ends with the run: this process is a child subreaper, so a grandchild that
   called setsid() (or was orphaned) stays below it and is killed at the end, whatever session or
-  process group it moved to. Where a pids cgroup can be made (root, cgroup v2 or v1's pids
-  hierarchy), the run is in one of its own, which also caps its tasks.
-- Limits (LIMITS_JSON): `file` bytes per file (RLIMIT_FSIZE: the kernel stops the write), `written`
-  bytes on disk in the `watch` folders together (the run directory and its /tmp), `output` bytes
-  of the `log`, `processes` at once, and `tasks` (threads too) as a hard ceiling (the cgroup, or
-  RLIMIT_NPROC above what the user already runs; root without a cgroup has only the count).
+  process group it moved to. Where a pids cgroup can be made below this process's own (cgroup v1's
+  pids hierarchy; v2 only at its root, never taking a run out of a service's or a job's cgroup),
+  the run is in one of its own, which caps its tasks in the kernel.
+- Limits (LIMITS_JSON): `file` bytes per file (RLIMIT_FSIZE: the kernel stops the write); `written`
+  bytes on disk in the `watch` folders together (the run directory, its /tmp, its socket folder;
+  each file or folder counts at least ENTRY_BYTES, so that millions of empty files are no way
+  around it); `output` bytes of the `log`; `processes` at once; `tasks`, its processes' threads
+  together (also a hard ceiling: the cgroup, or RLIMIT_NPROC above what the user already runs).
   A run that goes past one is killed, and the reason goes to `report`, a file the run cannot see.
 - SIGTERM (the driver stopping it) is passed on to every descendant; what is left after `grace_s`
-  is killed. With `parent`, the driver's death is a SIGTERM too (a Ray worker killed to cancel a task).
+  is killed. The driver's death (`parent`) is a SIGTERM too.
 
+With the sandbox off, train.py runs as the same user beside this process and could stop or kill
+it: the limits then hold against accidents, not against a run that sets out to break them.
 Standard library only: it runs as a script, before anything of the package is imported.
 """
 
@@ -24,13 +28,14 @@ import os
 import resource
 import select
 import signal
+import stat
 import sys
 import time
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
-POLL_S = 0.1                       # how often processes and the log's bytes are counted
-WALK_S = 1.0                       # how often the bytes on disk are (a walk of the run's folders)
-CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/pids")  # cgroup v2, v1's pids hierarchy
+POLL_S = 0.1                       # how often processes, threads and the log's bytes are counted
+WALK_S = 1.0                       # how often the bytes on disk are, at least (a walk of the run's folders)
+ENTRY_BYTES = 4096                 # what a file or folder counts at the least (its inode, a block)
 EXIT_LIMIT = 125                   # the exit code of a run stopped at a limit (the reason is in the report)
 
 terminating = []                   # set by SIGTERM
@@ -45,7 +50,7 @@ def main(limits, argv):
             return 137
     signal.signal(signal.SIGTERM, lambda *_: terminating.append(True))
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file"], limits["file"]))
-    cgroup = join_cgroup(limits["tasks"])
+    cgroup = make_cgroup(limits["tasks"])
     if not cgroup and os.geteuid() != 0:
         ceiling = user_tasks() + limits["tasks"]
         hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
@@ -54,18 +59,26 @@ def main(limits, argv):
     if child == 0:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         try:
+            if cgroup:  # the run alone is in it (its cgroup.kill never reaches this process)
+                try:
+                    write(f"{cgroup}/cgroup.procs", "0")
+                except OSError:
+                    pass
             os.execvp(argv[0], argv)
         finally:
             os._exit(127)
-    status, why, last_walk, exited = None, "", 0.0, child_exit(child)
+    status, why, next_walk, exited = None, "", 0.0, child_exit(child)
     try:
         while status is None and not terminating and not why:
             exited(POLL_S)
             status = reap(child)
-            walk = time.monotonic() - last_walk >= WALK_S
-            if status is None:
-                why = over_limit(limits, cgroup, walk)
-            last_walk = time.monotonic() if walk else last_walk
+            if status is not None:
+                break
+            why = over_limit(limits, cgroup)
+            if not why and time.monotonic() >= next_walk:
+                started = time.monotonic()
+                why = over_written(limits)
+                next_walk = time.monotonic() + max(WALK_S, 5 * (time.monotonic() - started))  # (big: less often)
         if terminating and status is None:
             signal_all(signal.SIGTERM, cgroup)
             deadline = time.monotonic() + limits.get("grace_s", 10.0)
@@ -76,7 +89,7 @@ def main(limits, argv):
     finally:
         end_all(cgroup)
         status = status if status is not None else reap(child, block=True)
-        leave_cgroup(cgroup)
+        remove_cgroup(cgroup)
     if why:
         with open(limits["report"], "w") as report:
             report.write(why)
@@ -111,19 +124,24 @@ def reap(child, block=False):
             status, block = code, False
 
 
-def over_limit(limits, cgroup, walk):
-    """Why the run must stop now ("" while it is within its limits); `walk`: count the bytes on disk."""
-    if len(descendants()) > limits["processes"]:
+def over_limit(limits, cgroup):
+    """Why the run must stop now, by its processes, threads or output ("" while it is within them)."""
+    found = descendants()
+    if len(found) > limits["processes"]:
         return f"it ran more than {limits['processes']:,} processes at once (the limit on processes)"
-    if cgroup and tasks_refused(cgroup):
-        return f"it tried to run more than {limits['tasks']:,} processes and threads (the limit on tasks)"
+    if sum(found.values()) > limits["tasks"] or cgroup and tasks_refused(cgroup):
+        return f"it ran more than {limits['tasks']:,} processes and threads (the limit on tasks)"
     if size(limits.get("log")) > limits["output"]:
         return f"it printed more than {human(limits['output'])} (the limit on output)"
-    if walk:
-        written = sum(disk_bytes(folder) for folder in limits.get("watch", ()))
-        if written > limits["written"]:
-            return (f"it wrote more than {human(limits['written'])} into its run directory and /tmp "
-                    "(the limit on bytes written)")
+    return ""
+
+
+def over_written(limits):
+    """Why the run must stop now, by the bytes in its folders ("" while it is within the limit)."""
+    written = sum(max(st.st_blocks * 512, ENTRY_BYTES) for folder in limits.get("watch", ()) for st in entries(folder))
+    if written > limits["written"]:
+        return (f"it wrote more than {human(limits['written'])} into its run directory and /tmp "
+                "(the limit on bytes written)")
     return ""
 
 
@@ -132,10 +150,11 @@ def after_exit(limits, cgroup, status):
     size (SIGXFSZ kills, or a Python that ignores it gets EFBIG: a file left at the limit), a fork
     past the cgroup's tasks."""
     killed = status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXFSZ
-    if killed or largest_file([limits.get("log"), *limits.get("watch", ())]) >= limits["file"]:
+    sizes = [st.st_size for folder in limits.get("watch", ()) for st in entries(folder) if stat.S_ISREG(st.st_mode)]
+    if killed or max(sizes + [size(limits.get("log"))]) >= limits["file"]:
         return f"it wrote a file of {human(limits['file'])} or more (the limit on a file's size)"
     if cgroup and tasks_refused(cgroup):
-        return f"it tried to run more than {limits['tasks']:,} processes and threads (the limit on tasks)"
+        return f"it ran more than {limits['tasks']:,} processes and threads (the limit on tasks)"
     return ""
 
 
@@ -149,53 +168,86 @@ def human(n):
 
 def size(path):
     try:
-        return os.stat(path).st_size if path else 0
+        return os.lstat(path).st_size if path else 0
     except OSError:
         return 0
 
 
-def largest_file(paths):
-    """The size of the largest file among `paths` and in the folders among them."""
-    largest = 0
-    for path in filter(None, paths):
-        for root, _, files in os.walk(path) if os.path.isdir(path) else [("", [], [path])]:
-            largest = max([largest] + [size(os.path.join(root, name)) for name in files])
-    return largest
-
-
-def disk_bytes(folder):
-    """Bytes on disk under `folder` (a sparse file counts what it holds, not its length)."""
-    total = 0
-    for root, dirs, files in os.walk(folder):
-        for name in files + dirs:
+def entries(folder):
+    """lstat of everything under `folder`, without recursion (a folder 10,000 deep is no error) and
+    without following links; a folder its owner made unreadable is made readable first (else what
+    it holds would go uncounted, and could not be removed)."""
+    stack = [folder]
+    while stack and not terminating:
+        path = stack.pop()
+        try:
+            names = os.listdir(path)
+        except PermissionError:
             try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+                os.chmod(path, 0o700)
+                names = os.listdir(path)
             except OSError:
-                pass
-    return total
-
-
-def children_by_parent():
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])  # (the name may hold spaces and brackets)
-            except (OSError, IndexError, ValueError):
                 continue
-            children.setdefault(ppid, []).append(int(entry))
-    return children
+        except OSError:
+            continue
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(path, name))
+            except OSError:
+                continue
+            yield st
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(os.path.join(path, name))
 
 
 def descendants():
-    """Every process below this one (an orphan of the run is re-parented here: none escapes)."""
-    children, found, todo = children_by_parent(), [], [os.getpid()]
+    """{pid: threads} of every process below this one (an orphan of the run is re-parented here:
+    none escapes), read from each task's children list (or, without it, a scan of /proc)."""
+    found, todo = {}, [os.getpid()]
+    if not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"):
+        return scan_descendants()
     while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
+        pid = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            for child in read(f"/proc/{pid}/task/{task}/children").split():
+                if int(child) not in found:
+                    found[int(child)] = threads(int(child))
+                    todo.append(int(child))
     return found
+
+
+def scan_descendants():
+    """descendants() from every process's parent, where the kernel keeps no children lists."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = stat_fields(int(entry))
+            if fields:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = {}, [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = threads(child)
+            todo.append(child)
+    return found
+
+
+def stat_fields(pid):
+    """/proc/<pid>/stat after the process's name (which may hold spaces and brackets): state, ppid, ..."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def threads(pid):
+    fields = stat_fields(pid)
+    return int(fields[17]) if fields and len(fields) > 17 else 1
 
 
 def signal_all(signum, cgroup):
@@ -211,8 +263,7 @@ def end_all(cgroup):
     if cgroup and os.path.exists(f"{cgroup}/cgroup.kill"):
         write(f"{cgroup}/cgroup.kill", "1")
     for _ in range(10000):
-        pids = set(descendants()) | set(cgroup_pids(cgroup))
-        if not pids:
+        if not set(descendants()) | set(cgroup_pids(cgroup)):
             return
         signal_all(signal.SIGKILL, cgroup)
         reap(None)
@@ -223,48 +274,45 @@ def end_all(cgroup):
 # A pids cgroup of the run's own, where this process may make one
 # ---------------------------------------------------------------------------
 
-def join_cgroup(tasks):
-    """A new pids cgroup holding this process (and so everything it starts), capped at `tasks`;
-    None where none can be made (no root, no pids controller, a read-only /sys/fs/cgroup)."""
-    for root in CGROUP_ROOTS:
-        v2 = os.path.exists(f"{root}/cgroup.controllers")
-        if v2 and "pids" not in read(f"{root}/cgroup.subtree_control").split():
+def make_cgroup(tasks):
+    """A new pids cgroup below this process's own, capped at `tasks`, for the run to join; None
+    where none can be made (no root, no pids controller, a read-only /sys/fs/cgroup, a cgroup v2
+    that is not the root: there the run would leave its service's or job's limits)."""
+    own = {}
+    for line in read("/proc/self/cgroup").splitlines():
+        _, controllers, path = line.split(":", 2)
+        own[controllers] = path
+    places = [f"/sys/fs/cgroup/pids{path}" for controllers, path in own.items() if "pids" in controllers.split(",")]
+    if own.get("") == "/" and "pids" in read("/sys/fs/cgroup/cgroup.subtree_control").split():
+        places.append("/sys/fs/cgroup")
+    for parent in places:
+        if not os.path.exists(f"{parent}/cgroup.procs"):
             continue
-        if not v2 and not os.path.exists(f"{root}/tasks"):
-            continue
-        remove_stale_cgroups(root)
-        path = f"{root}/autoresearch-{os.getpid()}"
+        remove_stale_cgroups(parent)
+        path = f"{parent.rstrip('/')}/autoresearch-{os.getpid()}"
         try:
             os.mkdir(path)
             write(f"{path}/pids.max", str(tasks))
-            write(f"{path}/cgroup.procs", str(os.getpid()))
             return path
         except OSError:
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
+            remove_cgroup(path)
     return None
 
 
-def leave_cgroup(cgroup):
+def remove_cgroup(cgroup):
     if cgroup:
         try:
-            write(f"{os.path.dirname(cgroup)}/cgroup.procs", str(os.getpid()))
             os.rmdir(cgroup)
         except OSError:
             pass
 
 
-def remove_stale_cgroups(root):
+def remove_stale_cgroups(parent):
     """The cgroups of supervisors that were killed (empty now; a live one's stays)."""
-    for name in os.listdir(root):
+    for name in os.listdir(parent):
         pid = name.removeprefix("autoresearch-")
         if name.startswith("autoresearch-") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            try:
-                os.rmdir(f"{root}/{name}")
-            except OSError:
-                pass
+            remove_cgroup(f"{parent}/{name}")
 
 
 def tasks_refused(cgroup):
@@ -277,9 +325,7 @@ def tasks_refused(cgroup):
 
 
 def cgroup_pids(cgroup):
-    if not cgroup:
-        return []
-    return [int(p) for p in read(f"{cgroup}/cgroup.procs").split() if int(p) != os.getpid()]
+    return [int(p) for p in read(f"{cgroup}/cgroup.procs").split()] if cgroup else []
 
 
 def user_tasks():

@@ -198,7 +198,7 @@ def summary_failure(log_text, returncode, settings, seed):
 
 
 def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(), sandbox=None, cache_dir=None,
-                 extra_env=None, readable=(), die_with_parent=False, prepare=None, hidden=(), check_below=math.inf,
+                 extra_env=None, readable=(), prepare=None, hidden=(), check_below=math.inf,
                  fill_cache=False, limits=None):
     """Run `python train.py` in `repo` (a slot's worktree) time-boxed, under the supervisor and its
     `limits`, with `extra_env` (e.g. the slot's CUDA_VISIBLE_DEVICES), in the sandbox when there is
@@ -207,12 +207,12 @@ def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(
     directory, $AUTORESEARCH_RUN_DIR beside its log, its own /tmp beside that, and its own copy of the
     compile cache), scored by the driver's scorer (`prepare`'s rows), and checked by a fresh process
     when it scores below `check_below`. `fill_cache`: a run of trusted code (the baseline) whose
-    compile cache later runs start from. With die_with_parent it ends when this process dies (a Ray
-    worker: no driver cleans up after it on its node)."""
+    compile cache later runs start from. It ends when this process dies (the supervisor's parent-death
+    signal: also a Ray worker killed to cancel its task, where no driver cleans up on its node)."""
     start, limits = time.time(), limits or Limits()
     files = Path(log_path).with_name(Path(log_path).stem + "-files")  # the run's own directory, for what it writes
     tmp = Path(log_path).with_name(Path(log_path).stem + "-tmp")  # its /tmp (on disk, counted, removed after)
-    shutil.rmtree(tmp, ignore_errors=True)
+    scoring.remove(tmp)
     for folder in (files, tmp):
         folder.mkdir(parents=True, exist_ok=True)
     sock_dir, trusted = scoring.short_socket_dir(), scoring.short_socket_dir()  # (in /tmp: no sandbox sees them)
@@ -230,8 +230,7 @@ def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(
             extra.update(cache_env(cache_dir), TMPDIR="/tmp")
             argv = sandbox.wrap(argv, repo, writable=[files, sock_dir, (layer, cache_path(cache_dir))], tmp=tmp, **box)
         report = trusted / "limit"
-        argv = supervised(argv, limits, report, [files, tmp, *([layer] if layer else [])], log_path,
-                          die_with_parent)
+        argv = supervised(argv, limits, report, [files, tmp, sock_dir, *([layer] if layer else [])], log_path)
         scorer = scoring.Scorer(prepare, sock_dir / "s", files, trusted, layer, log_path).start()
         with open(log_path, "wb") as log:
             returncode, timed_out = run_group(argv, repo, log, training_env(seed, pass_env, extra), timeout_s, pid_file)
@@ -243,7 +242,7 @@ def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(
         limit = report.read_text() if report.exists() else ""
         if limit:
             failure = f"stopped at a limit: {limit}" + (" after its model was scored" if score else "")
-            shutil.rmtree(files, ignore_errors=True)  # (what it wrote; its log stays)
+            scoring.remove(files)  # (what it wrote; its log stays)
         elif timed_out:
             failure = f"timed out after {timeout_s:.0f} s (the whole process group was killed)"
         elif returncode != 0:
@@ -266,12 +265,12 @@ def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(
     return RunResult(score.val_bpb, vram_mb if math.isfinite(vram_mb) else 0.0, seconds, "")
 
 
-def supervised(argv, limits, report, watch, log_path, die_with_parent=False):
-    """argv under supervise.py: its limits held (the reason for a stop written to `report`), and
-    every process it starts ended with it."""
+def supervised(argv, limits, report, watch, log_path):
+    """argv under supervise.py: its limits held (the reason for a stop written to `report`), every
+    process it starts ended with it, and all of it ended when this process dies."""
     config = {"file": limits.file, "written": limits.written, "output": limits.output, "processes": limits.processes,
               "tasks": limits.tasks, "grace_s": KILL_GRACE_S, "report": str(report), "log": str(log_path),
-              "watch": [str(w) for w in watch], "parent": os.getpid() if die_with_parent else None}
+              "watch": [str(w) for w in watch], "parent": os.getpid()}
     return [sys.executable, str(SUPERVISE), json.dumps(config), "--", *argv]
 
 
@@ -332,7 +331,7 @@ def check_in(work, score, repo, prepare, pass_env, seed, extra_env, sandbox, cac
         return "refused: the saved weights changed after the run was scored"
     extra = {**(extra_env or {}), "AUTORESEARCH_RUN_DIR": str(work), "AUTORESEARCH_SCORER": str(sock_dir / "check"),
              "AUTORESEARCH_CHECK_AUTOCAST": score.autocast, "PYTHONPATH": python_path(), "TMPDIR": str(tmp)}
-    argv, watch = [sys.executable, "-c", "import prepare; prepare.serve_saved_model()"], [work, tmp]
+    argv, watch = [sys.executable, "-c", "import prepare; prepare.serve_saved_model()"], [work, tmp, sock_dir]
     if sandbox and sandbox.bwrap:  # its compile cache: a copy of the run's as it was before scoring began
         cache = scoring.copy_files(score.cache, work.with_name("check-cache"))  # (score.cache may fill the trusted one)
         extra.update(cache_env(cache_dir), TMPDIR="/tmp")
@@ -388,7 +387,7 @@ def start_cache(cache_dir, layer):
     filled with (else it is set aside and the run starts cold)."""
     trusted, manifest = cache_path(cache_dir), records.load_json(manifest_path(cache_dir)) \
         if manifest_path(cache_dir).exists() else None
-    shutil.rmtree(layer, ignore_errors=True)
+    scoring.remove(layer)
     trusted.mkdir(parents=True, exist_ok=True)  # (where the run's copy is mounted)
     if manifest and trusted.is_dir():
         scoring.copy_files(trusted, layer)

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from driver_helpers import MODE_LINE, fake, pid_gone, repo, rows, run  # noqa: F401
+from driver_helpers import DRIVER_ARGS, MODE_LINE, fake, pid_gone, repo, rows, run  # noqa: F401
 from fake_anthropic import edit
-from autoresearch import prompt, supervise, training
+from autoresearch import prompt, scoring, supervise, training
 
 LIMITS = {"file": 1 << 30, "written": 1 << 30, "output": 1 << 30, "processes": 100, "tasks": 4000, "grace_s": 2.0}
 
@@ -50,6 +50,15 @@ def test_the_supervisor_passes_the_exit_code_and_ends_a_daemon_in_a_session_of_i
     ("import subprocess, sys, time\n"
      "ps = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']) for _ in range(60)]\n"
      "time.sleep(600)", {"processes": 20}, "it ran more than 20 processes at once (the limit on processes)"),
+    ("import threading, time\n"  # threads: the cgroup refuses the 101st, or the count sees them
+     "for _ in range(300):\n"
+     "    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n"
+     "time.sleep(600)", {"tasks": 100}, "it ran more than 100 processes and threads (the limit on tasks)"),
+    ("import time\n"  # empty files hold no block, but each takes an inode: none is free
+     "for i in range(3000):\n"
+     "    open(f'w/{i}', 'w').close()\n"
+     "time.sleep(600)", {"written": 8 << 20}, "it wrote more than 8 MiB into its run directory and /tmp "
+                                              "(the limit on bytes written)"),
 ])
 def test_a_run_past_a_limit_is_stopped_and_the_report_says_which(tmp_path, monkeypatch, code, limits, expected):
     monkeypatch.chdir(tmp_path)
@@ -59,18 +68,10 @@ def test_a_run_past_a_limit_is_stopped_and_the_report_says_which(tmp_path, monke
 
 
 def cgroup_available():
-    """Whether this process may make a pids cgroup (root, a writable cgroup file system)."""
-    for root in supervise.CGROUP_ROOTS:
-        probe = f"{root}/autoresearch-probe-{os.getpid()}"
-        try:
-            os.mkdir(probe)
-        except OSError:
-            continue
-        made = os.path.exists(f"{probe}/pids.max")
-        os.rmdir(probe)
-        if made:
-            return True
-    return False
+    """Whether the supervisor can make a pids cgroup here (root, a writable cgroup file system)."""
+    made = supervise.make_cgroup(100)
+    supervise.remove_cgroup(made)
+    return bool(made)
 
 
 @pytest.mark.skipif(not cgroup_available(), reason="no pids cgroup can be made here (not root, or read-only)")
@@ -79,7 +80,7 @@ def test_a_fork_bomb_meets_the_tasks_ceiling_and_ends(tmp_path):
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     before = len(os.listdir("/proc"))
     exit_code, why, _ = supervised(tmp_path, bomb, processes=10**6, tasks=200)
-    assert (exit_code, why) == (supervise.EXIT_LIMIT, "it tried to run more than 200 processes and threads "
+    assert (exit_code, why) == (supervise.EXIT_LIMIT, "it ran more than 200 processes and threads "
                                                       "(the limit on tasks)")
     time.sleep(0.5)
     assert len(os.listdir("/proc")) < before + 50  # (nothing of it left)
@@ -139,3 +140,41 @@ def test_a_log_tail_reads_only_the_end_of_the_log(tmp_path):
     tail = prompt.log_tail(log)
     assert tail.endswith("Traceback: the end") and len(tail) < prompt.LOG_TAIL_CHARS + 200
     assert "more characters cut" in tail
+
+
+def test_a_folder_nested_thousands_deep_is_counted_and_removed(tmp_path, monkeypatch):
+    """Past Python's recursion limit: the supervisor still counts it, the driver still removes it."""
+    monkeypatch.chdir(tmp_path)
+    deep = ("import os, time\n"
+            "path = 'w'\n"
+            "for _ in range(3000):\n"
+            "    path = os.path.join(path, 'd')\n"
+            "    os.mkdir(path)\n"
+            "time.sleep(600)")
+    code, why, _ = supervised(tmp_path, deep, written=4 << 20)
+    assert (code, why) == (supervise.EXIT_LIMIT, "it wrote more than 4 MiB into its run directory and /tmp "
+                                                 "(the limit on bytes written)")
+    scoring.remove(tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_run_ends_when_its_driver_is_killed(repo, fake, tmp_path, monkeypatch):
+    """kill -9 of the driver: the supervisor's parent-death signal ends the run (and what it
+    started), without waiting for the next driver."""
+    once, pid_file = tmp_path / "once", tmp_path / "training.pid"
+    monkeypatch.setenv("STANDIN_ONCE_FILE", str(once))
+    monkeypatch.setenv("STANDIN_PID_FILE", str(pid_file))
+    fake.replies += [edit("slow", (MODE_LINE, 'MODE = "slow_once"'))]
+    proc = subprocess.Popen([sys.executable, "driver.py", "--tag", "t", *DRIVER_ARGS, "--max-experiments", "1",
+                             "--greedy"], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (once.exists() and pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.05)
+    training_pid = int(pid_file.read_text())
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 30
+    while not pid_gone(training_pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert pid_gone(training_pid), "the run outlived its driver"

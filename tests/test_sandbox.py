@@ -52,6 +52,23 @@ def home_secret(monkeypatch):
 
 
 @pytest.fixture
+def run_socket(monkeypatch):
+    """A service's Unix socket in /run (where the Docker and systemd sockets are), listening."""
+    folder = Path(f"/run/autoresearch-test-{os.getpid()}")
+    try:
+        folder.mkdir()
+    except OSError:
+        pytest.skip("/run is not writable here (not root)")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(folder / "s"))
+    server.listen(5)
+    monkeypatch.setenv("STANDIN_RUN_SOCKET", str(folder / "s"))
+    yield folder / "s"
+    server.close()
+    shutil.rmtree(folder)
+
+
+@pytest.fixture
 def listener():
     """A TCP server on loopback that the sandboxed train.py must not reach."""
     server = socket.create_server(("127.0.0.1", 0))
@@ -67,7 +84,7 @@ def probe_report(repo, experiment="0001"):
 
 @needs_bwrap
 def test_a_sandboxed_train_py_reaches_nothing_but_its_run_directory(repo, fake, listener, secret_holder, home_secret,
-                                                                   monkeypatch, capsys):
+                                                                   run_socket, monkeypatch, capsys):
     """Also as root (CI runs the tests as root): no capability is left to remount, unmount /proc (the
     host's beneath it), mount another, or enter a namespace; no hook or config can be planted for the
     driver's git; program.md stays as it is; nothing in the home folder is there."""
@@ -75,14 +92,15 @@ def test_a_sandboxed_train_py_reaches_nothing_but_its_run_directory(repo, fake, 
     monkeypatch.setenv("STANDIN_SANDBOXED", "1")
     fake.replies += [edit("probe", (MODE_LINE, 'MODE = "probe_sandbox"'), (BASE_LINE, "TRUE_BPB = 0.990000"))]
     assert run("--max-experiments", "1", "--greedy", "--sandbox", "on", "--pass-env", "STANDIN_PORT",
-               "--pass-env", "STANDIN_SANDBOXED", "--pass-env", "STANDIN_HOME_SECRET") == 0
+               "--pass-env", "STANDIN_SANDBOXED", "--pass-env", "STANDIN_HOME_SECRET", "--pass-env",
+               "STANDIN_RUN_SOCKET") == 0
     assert probe_report(repo) == {
         "secret_in_env": False, "secret_in_proc": False, "write_results_tsv": False, "write_journal": False,
         "write_git": False, "write_prepare_py": False, "write_tokens": False, "write_experiment_dir": False,
         "write_run_dir": True, "write_compile_cache": True, "read_val": False, "read_logs": False,
         "remount_root": False, "tcp_loopback": False, "write_program_md": False, "write_git_hook": False,
-        "write_git_config": False, "read_home": False, "remount_root_libc": False, "umount_proc": False,
-        "mount_proc": False, "setns_net": False}
+        "write_git_config": False, "read_home": False, "connect_run_socket": False, "remount_root_libc": False,
+        "umount_proc": False, "mount_proc": False, "setns_net": False}
     assert [x["status"] for x in rows(repo)] == ["keep", "keep"]  # it trained and printed its summary
     out = capsys.readouterr().out
     assert "sandbox bubblewrap, no network" in out
@@ -90,18 +108,19 @@ def test_a_sandboxed_train_py_reaches_nothing_but_its_run_directory(repo, fake, 
 
 @needs_bwrap
 def test_the_same_train_py_without_the_sandbox_reaches_everything(repo, fake, listener, secret_holder, home_secret,
-                                                                  monkeypatch):
+                                                                  run_socket, monkeypatch):
     """The probe can tell: unsandboxed, the driver's secret and its records are within reach. The
     hook and the git config command it plants never run (the driver's git runs no hooks, and the
     config is put back), and the run is refused for it."""
     monkeypatch.setenv("STANDIN_PORT", str(listener))
     fake.replies += [edit("probe", (MODE_LINE, 'MODE = "probe_sandbox"'), (BASE_LINE, "TRUE_BPB = 0.990000"))]
     assert run("--max-experiments", "1", "--greedy", "--sandbox", "off", "--fix-attempts", "0",
-               "--pass-env", "STANDIN_PORT", "--pass-env", "STANDIN_HOME_SECRET") == 0
+               "--pass-env", "STANDIN_PORT", "--pass-env", "STANDIN_HOME_SECRET", "--pass-env", "STANDIN_RUN_SOCKET") == 0
     report = probe_report(repo)
     assert report["secret_in_proc"] and report["write_results_tsv"] and report["write_journal"]
     assert report["write_prepare_py"] and report["tcp_loopback"] and report["read_val"] and report["read_logs"]
     assert report["read_home"] and report["write_git_hook"] and report["write_git_config"]
+    assert report["connect_run_socket"]
     assert not (repo / "planted-command-ran").exists()  # neither ran in the driver's git commands
     assert "fsmonitor" not in (repo / ".git/config").read_text()
     r = rows(repo)[1]
@@ -203,3 +222,12 @@ def test_results_tsv_deleted_by_a_person_during_a_sandboxed_run_blames_no_run(re
     thread.join()
     assert [(x["description"], x["status"]) for x in rows(repo)] == [("baseline", "keep"), ("slow", "keep")]
     assert "results.tsv was deleted" in capsys.readouterr().out
+
+
+@needs_bwrap
+def test_a_home_folder_inside_tmp_leaves_the_sandbox_working(monkeypatch, tmp_path):
+    """HOME=/tmp/... (CI jobs, clusters): /tmp is the run's own already, not emptied twice."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert sandbox.probe(sandbox.Sandbox(shutil.which("bwrap")), MAIN) == ""
+    monkeypatch.setenv("HOME", "/tmp")
+    assert sandbox.probe(sandbox.Sandbox(shutil.which("bwrap")), MAIN) == ""

@@ -117,6 +117,9 @@ if MODE == "probe_sandbox":  # what a careless train.py could reach, each attemp
         "write_git_config": subprocess.run(["git", "-C", str(MAIN), "config", "core.fsmonitor", f"touch {RAN};:"],
                                            capture_output=True).returncode == 0,
         "read_home": can(lambda: Path(os.environ.get("STANDIN_HOME_SECRET", "/nonexistent")).read_text()),
+        # a service's socket in /run (Docker's, systemd's would take root out of any sandbox)
+        "connect_run_socket": can(lambda: socket.socket(socket.AF_UNIX).connect(
+            os.environ.get("STANDIN_RUN_SOCKET", "/nonexistent"))),
     }
     if os.environ.get("STANDIN_SANDBOXED"):  # what root could do with its capabilities (only tried in a
         found.update({                     # sandbox: outside one they would change this machine)

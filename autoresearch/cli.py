@@ -8,7 +8,6 @@ Usage: python driver.py [--tag nov22] [--max-experiments N] [--deadline 07:30] [
 import argparse
 import datetime
 import faulthandler
-import importlib.util
 import os
 import re
 import signal
@@ -112,11 +111,12 @@ def report_parser():
 def drive(args):
     """Check, start or resume, then the loop; SIGTERM and SIGHUP end it like Ctrl-C."""
     repo = Path(git(Path.cwd(), "rev-parse", "--show-toplevel"))
+    deadline, limits = parse_deadline(args.deadline), training.parse_limits(args.run_limits)  # (every flag
+    slots.check_gpus(args.gpus)                                                               # before any write)
     prepare, settings, hashes = check_repo(args, repo)
     cuda = check_cuda(args.allow_cpu)
-    provider = llm.make_provider(args.provider, args.model, args.base_url,
+    provider = make_provider(args.provider, args.model, args.base_url,
                                  llm.parse_price(args.price) if args.price else None, args.llm_timeout)
-    limits = training.parse_limits(args.run_limits)
     provider.check_access()
     box = sandbox.choose(args.sandbox, args.allow_network, repo, cuda)
     night, run_dir = open_night(args, repo, settings, hashes)
@@ -128,7 +128,7 @@ def drive(args):
                        greedy=args.greedy, noise_runs=1 if args.greedy else max(1, args.noise_runs),
                        fix_attempts=args.fix_attempts, pass_env=tuple(args.pass_env), sandbox=box,
                        timeout_s=args.timeout or training.default_timeout_s(settings["time_budget"]),
-                       max_experiments=args.max_experiments, deadline=parse_deadline(args.deadline),
+                       max_experiments=args.max_experiments, deadline=deadline,
                        max_cost=args.max_cost, slots=work_slots,
                        lookahead=len(work_slots) if args.pipeline == "on" else 0, plateau=args.plateau, limits=limits,
                        git_config=records.read_git_config(repo))
@@ -163,7 +163,8 @@ def drive(args):
     if interrupted:
         print(f"\ninterrupted; `python driver.py --tag {args.tag}` resumes this run", flush=True)
         return 130
-    print(f"total: {night.next_n} experiments, {len(night.rows)} runs, best {experiment.short_best(night)}, "
+    print(f"total: {night.done} experiments decided (the baseline's included), {len(night.rows)} runs, best "
+          f"{experiment.short_best(night)}, "
           f"spend ${night.spend['usd']:.2f}, GPU {night.gpu_s['total'] / 3600:.2f} h "
           f"({night.gpu_s['noise'] / max(night.gpu_s['total'], 1e-9):.0%} on noise handling)")
     return 0
@@ -203,7 +204,7 @@ def check_repo(args, repo):
     if git(repo, "status", "--porcelain", "--", "prepare.py"):
         raise SystemExit("autoresearch: prepare.py has uncommitted changes; commit or revert them first (every "
                          "run trains in a worktree of a commit, so it uses the committed prepare.py)")
-    prepare = load_prepare(repo)
+    prepare = training.load_prepare(repo)
     try:
         hashes = records.metric_hashes(repo, prepare)
     except SystemExit as e:  # data or tokenizer not prepared: say which command to run
@@ -224,20 +225,14 @@ def check_cuda(allow_cpu):
     return False
 
 
-def load_prepare(repo):
-    """Import the repo's prepare.py (constants and metric_files) without running anything."""
-    spec = importlib.util.spec_from_file_location("prepare", Path(repo) / "prepare.py")
-    module = importlib.util.module_from_spec(spec)
-    previous = sys.modules.get("prepare")
-    sys.modules["prepare"] = module  # dataclasses look their module up while it is executed
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if previous is None:
-            sys.modules.pop("prepare", None)
-        else:
-            sys.modules["prepare"] = previous
-    return module
+def make_provider(name, model, base_url=None, price=None, timeout_s=None):
+    """The provider for --provider (or a model id "openai:<id>"); timeout_s: one request's limit."""
+    if model.startswith("openai:"):
+        name, model = "openai", model.removeprefix("openai:")
+    if name == "openai" or base_url:
+        from autoresearch.openai_api import OpenAIProvider
+        return OpenAIProvider(model, base_url, price, timeout_s or llm.LLM_TIMEOUT_S)
+    return llm.AnthropicProvider(model, price or llm.model_price(model), timeout_s or llm.LLM_TIMEOUT_S)
 
 
 def parse_deadline(text, now=None):

@@ -86,7 +86,7 @@ def train_on_node(source, project, seed, timeout_s, settings, env, pass_env, san
     once (in the node's bubblewrap when the driver sandboxes: sandboxed_network is then whether the
     network is allowed) and scored and checked on the node by the driver's code (trusted, outside the
     sandbox); returns (RunResult, the log, the node's metric hashes, the node's name)."""
-    from autoresearch import cli, records, sandbox  # on the node
+    from autoresearch import records, sandbox  # on the node
     work = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
     try:
         shutil.copy(Path(project) / "prepare.py", work / "prepare.py")
@@ -94,7 +94,7 @@ def train_on_node(source, project, seed, timeout_s, settings, env, pass_env, san
         previous = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # the node's prepare.py reads AUTORESEARCH_* when loaded
         try:
-            prepare = cli.load_prepare(work)
+            prepare = training.load_prepare(work)
             hashes = records.metric_hashes(work, prepare)
         finally:
             for k, v in previous.items():

@@ -176,6 +176,9 @@ def record(ctx, night, p, status=None, note=None):
     """Decide the rows, write them once, then move the branch; safe to repeat after a kill
     (the decision is saved first, everything after it is idempotent)."""
     if p.final is None:
+        if status == "keep" and p.kind != "baseline" and not records.git_succeeds(
+                ctx.repo, "merge-base", "--is-ancestor", night.best.commit, p.commit):
+            status, note = "discard", "refused: its commit does not hold the best's code, so keeping it would drop a keep"
         p.final = Final(status, experiment_rows(ctx, night, p, status, note), note)
         save(ctx, night)
     final = p.final

@@ -222,16 +222,6 @@ def cost(counts, price):
     return sum(counts.get(k, 0) * p for k, p in zip(("input", "output", "cache_write", "cache_read"), price)) / 1e6
 
 
-def make_provider(name, model, base_url=None, price=None, timeout_s=None):
-    """The provider for --provider (or a model id "openai:<id>"); timeout_s: one request's limit."""
-    if model.startswith("openai:"):
-        name, model = "openai", model.removeprefix("openai:")
-    if name == "openai" or base_url:
-        from autoresearch.openai_api import OpenAIProvider
-        return OpenAIProvider(model, base_url, price, timeout_s or LLM_TIMEOUT_S)
-    return AnthropicProvider(model, price or model_price(model), timeout_s or LLM_TIMEOUT_S)
-
-
 # ---------------------------------------------------------------------------
 # Anthropic's Messages API
 # ---------------------------------------------------------------------------

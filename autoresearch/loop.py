@@ -63,7 +63,8 @@ class Context:
 def run_night(ctx, night):
     """Experiments until a stop condition: the baseline first, then the LLM's ideas."""
     experiment.restore_best(ctx, night)  # after a kill: branch and train.py back to the best
-    slots.end_runs(ctx.slots)
+    slots.end_runs(ctx.slots, ctx.run_dir)
+    git(ctx.repo, "worktree", "prune")  # (worktrees a killed driver's clean-up did not reach)
     events, asking, clock = queue.Queue(), {}, time.time()
     try:
         while True:
@@ -76,6 +77,8 @@ def run_night(ctx, night):
             start_runs(ctx, night, events)  # (the baseline ask() may have just created)
             busy = run_ahead(ctx, night, events, asking)
             if not busy and not asking:
+                if deadline_near(ctx, night):
+                    record_unfinished(ctx, night)
                 reason = stop_reason(ctx, night) or "nothing left to do"
                 print(f"stopping: {reason}")
                 return
@@ -92,7 +95,8 @@ def run_night(ctx, night):
             else:
                 answered(ctx, night, asking.pop(key), value)
     finally:
-        slots.end_runs(ctx.slots)
+        slots.end_runs(ctx.slots, ctx.run_dir)
+        slots.remove_worktrees(ctx.repo, ctx.slots)
 
 
 def stop_reason(ctx, night, asking=()):
@@ -244,24 +248,36 @@ def answered(ctx, night, asked, answer):
 # ---------------------------------------------------------------------------
 
 def start_runs(ctx, night, events):
-    """Give each free slot a run; returns the slots that are training."""
+    """Give each free slot a run (none that could not end by the deadline, whatever it is for);
+    returns the slots that are training."""
     def next_run(p):
-        if deadline_near(ctx, night) and not p.runs:  # near the deadline: finish what was started, no more
-            return None
         step = experiment.next_step(ctx, night, p)
         return step if step[0] == "run" else None
-    return fill(ctx, night, events, [s for s in ctx.slots if not s.job], next_run)
+    free = [] if deadline_near(ctx, night) else [s for s in ctx.slots if not s.job]
+    return fill(ctx, night, events, free, next_run)
 
 
 def run_ahead(ctx, night, events, asking):
-    """Slots that nothing needs now (no experiment's next run, no idea or fix on its way: near the
-    deadline an idea would not start) run ahead the further repeats a confirmation under way may
-    still ask for, side by side with its pending run, so the last ideas of a night are confirmed
-    in one run's time, not three. Returns the slots that are training."""
-    starts = ("fix",) if deadline_near(ctx, night) else ("idea", "fix")
-    on_the_way = sum(request.kind in starts for request, *_ in asking.values())
-    return fill(ctx, night, events, [s for s in ctx.slots if not s.job][on_the_way:],
-                lambda p: experiment.ahead_step(ctx, night, p))
+    """Slots that nothing needs now (no experiment's next run, no idea or fix on its way) run ahead
+    the further repeats a confirmation under way may still ask for, side by side with its pending
+    run, so the last ideas of a night are confirmed in one run's time, not three (never past the
+    deadline). Returns the slots that are training."""
+    on_the_way = sum(request.kind in ("idea", "fix") for request, *_ in asking.values())
+    free = [] if deadline_near(ctx, night) else [s for s in ctx.slots if not s.job][on_the_way:]
+    return fill(ctx, night, events, free, lambda p: experiment.ahead_step(ctx, night, p))
+
+
+def record_unfinished(ctx, night):
+    """At the deadline: an idea whose runs began but whose decision needs runs that could not end
+    in time is recorded as such (a confirmation cut short is no keep); one that never ran waits in
+    the journal for a resume."""
+    for p in list(night.in_flight):
+        if p.kind != "candidate" or not p.runs or p.final or experiment.next_step(ctx, night, p)[0] != "run":
+            continue
+        if any(r.val_bpb is not None for r in p.runs):
+            experiment.record(ctx, night, p, "discard", "unconfirmed: the deadline came before the runs it needed")
+        else:  # (every run so far crashed: its fix did not run)
+            experiment.record(ctx, night, p, "crash", "the deadline came before its fix could run")
 
 
 def fill(ctx, night, events, free, step_for):
@@ -315,6 +331,7 @@ def rebase(ctx, night, p):
         p.parent, p.parent_description = night.best.commit, night.best.description
         p.source = str(Path(p.dir) / "candidate-rebased.py")  # (before any run: nothing measured is overwritten)
         Path(p.source).write_text(source)
+        p.commit, p.commit_date = None, int(time.time())  # (one made on the old best, by a run a kill cut short)
     experiment.save(ctx, night)
     return source is not None
 

@@ -44,10 +44,18 @@ def make_slots(run_dir, gpus, ray_runner=None):
         if not ids:
             raise SystemExit("autoresearch: --gpus all, but torch sees no CUDA GPU")
     else:
-        ids = [g.strip() for g in gpus.split(",") if g.strip()]
-        if not ids or len(set(ids)) != len(ids):
-            raise SystemExit(f"autoresearch: --gpus {gpus!r}: give GPU ids like 0,1,2,3 (each once) or all")
+        ids = check_gpus(gpus)
     return [Slot(f"gpu{i}", i, run_dir / "slots" / f"gpu{i}") for i in ids]
+
+
+def check_gpus(gpus):
+    """The GPU ids of --gpus 0,1,2,3 (None or "all": checked when the slots are made)."""
+    if gpus is None or gpus == "all":
+        return None
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not ids or len(set(ids)) != len(ids):
+        raise SystemExit(f"autoresearch: --gpus {gpus!r}: give GPU ids like 0,1,2,3 (each once) or all")
+    return ids
 
 
 def commit_candidate(repo, parent, source, message, date):
@@ -114,11 +122,22 @@ def in_thread(events, kind, key, target):
     threading.Thread(target=report, daemon=True).start()
 
 
-def end_runs(slots):
-    """End what the slots train: the groups a killed driver left running (at start), or those of
-    this driver when it stops (Ctrl-C, SIGTERM, an error), and the Ray tasks still in flight:
-    never an orphan on a GPU."""
+def end_runs(slots, run_dir):
+    """End what trains for this run: the groups a killed driver left running (at start: every pid
+    file of the run, whatever slots it had), or those of this driver when it stops (Ctrl-C,
+    SIGTERM, an error), and the Ray tasks still in flight: never an orphan on a GPU."""
+    for pid_file in sorted({*Path(run_dir).glob("slots/*.pid"), *(slot.pid_file for slot in slots)}):
+        training.kill_stale_training(pid_file)
     for slot in slots:
-        training.kill_stale_training(slot.pid_file)
         if slot.ray:
             slot.ray.cancel_all()
+
+
+def remove_worktrees(repo, slots):
+    """The slots' worktrees removed (the night is over, or stopped: a resume makes them again), and
+    any that git still lists but that are gone."""
+    for slot in slots:
+        if (slot.worktree / ".git").exists():
+            git(repo, "worktree", "remove", "--force", "--force", str(slot.worktree), check=False)
+        shutil.rmtree(slot.worktree, ignore_errors=True)
+    git(repo, "worktree", "prune", check=False)

@@ -3,6 +3,7 @@ environment and a hard timeout, its output in a log, scored by the driver (scori
 the numbers it prints, and checked by a fresh process when it could be kept.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -41,7 +42,7 @@ class Limits:
     (a model's weights, a few hundred MB; a log of a few MB; tens of processes): a run past one is
     killed and is a crash row that says which, its files removed (its log kept)."""
     file: int = 16 * GiB           # one file's size (the largest weights the scorer takes)
-    written: int = 32 * GiB        # bytes on disk in its run directory and its /tmp together
+    written: int = 32 * GiB        # bytes on disk in its run directory, /tmp, socket folder and cache copy
     output: int = 1 * GiB          # what it prints (its log)
     processes: int = 1024          # processes at once
     tasks: int = 16384             # processes and threads: the kernel's ceiling, where it can be set
@@ -414,6 +415,22 @@ def trust_cache(cache_dir, snapshot):
     os.replace(fresh, trusted)
     shutil.rmtree(old, ignore_errors=True)
     write_atomic(manifest_path(cache_dir), json.dumps(cache_files(trusted)))
+
+
+def load_prepare(repo):
+    """Import the repo's prepare.py (constants and metric_files) without running anything."""
+    spec = importlib.util.spec_from_file_location("prepare", Path(repo) / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    previous = sys.modules.get("prepare")
+    sys.modules["prepare"] = module  # dataclasses look their module up while it is executed
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            sys.modules.pop("prepare", None)
+        else:
+            sys.modules["prepare"] = previous
+    return module
 
 
 def python_path():

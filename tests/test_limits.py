@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from driver_helpers import DRIVER_ARGS, MODE_LINE, fake, pid_gone, repo, rows, run  # noqa: F401
+from driver_helpers import MODE_LINE, fake, pid_gone, repo, rows, run  # noqa: F401
 from fake_anthropic import edit
 from autoresearch import prompt, scoring, supervise, training
 
@@ -156,25 +156,3 @@ def test_a_folder_nested_thousands_deep_is_counted_and_removed(tmp_path, monkeyp
                                                  "(the limit on bytes written)")
     scoring.remove(tmp_path / "w")
     assert not (tmp_path / "w").exists()
-
-
-def test_a_run_ends_when_its_driver_is_killed(repo, fake, tmp_path, monkeypatch):
-    """kill -9 of the driver: the supervisor's parent-death signal ends the run (and what it
-    started), without waiting for the next driver."""
-    once, pid_file = tmp_path / "once", tmp_path / "training.pid"
-    monkeypatch.setenv("STANDIN_ONCE_FILE", str(once))
-    monkeypatch.setenv("STANDIN_PID_FILE", str(pid_file))
-    fake.replies += [edit("slow", (MODE_LINE, 'MODE = "slow_once"'))]
-    proc = subprocess.Popen([sys.executable, "driver.py", "--tag", "t", *DRIVER_ARGS, "--max-experiments", "1",
-                             "--greedy"], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while not (once.exists() and pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
-        assert proc.poll() is None
-        time.sleep(0.05)
-    training_pid = int(pid_file.read_text())
-    proc.kill()
-    proc.wait()
-    deadline = time.time() + 30
-    while not pid_gone(training_pid) and time.time() < deadline:
-        time.sleep(0.1)
-    assert pid_gone(training_pid), "the run outlived its driver"

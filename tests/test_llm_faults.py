@@ -32,7 +32,7 @@ SYSTEM, TRAIN_PY = [("rules", False)], ("The current train.py:\n\nTRUE_BPB = 1.0
 def anthropic_provider(fake_server, monkeypatch):
     monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_server.url)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-secret")
-    return llm.make_provider("anthropic", "claude-test")
+    return cli.make_provider("anthropic", "claude-test")
 
 
 def status_error(kind, status, message, headers=None, body=None):
@@ -126,9 +126,9 @@ def test_an_unreachable_api_stops_the_start_up_check_naming_its_address(monkeypa
     if provider == "anthropic":
         monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
         monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-secret")
-        checked = llm.make_provider("anthropic", "claude-test")
+        checked = cli.make_provider("anthropic", "claude-test")
     else:
-        checked = llm.make_provider("openai", "local-model", url + "/v1")
+        checked = cli.make_provider("openai", "local-model", url + "/v1")
     stop = raised_within(30, checked.check_access)
     assert isinstance(stop, SystemExit), stop
     assert f"could not reach the LLM API at {url}" in str(stop) and "for 1 s" in str(stop)
@@ -167,7 +167,7 @@ def test_retry_after_ms_from_the_server_is_waited(server, monkeypatch, capsys):
     monkeypatch.setattr(llm, "LLM_BACKOFF_S", 0.01)
     openai_server = server()
     openai_server.replies += [error(429, "slow down", headers={"retry-after-ms": "300"}), tool_edit("a", ("x", "y"))]
-    provider = llm.make_provider("openai", "local-model", openai_server.url)
+    provider = cli.make_provider("openai", "local-model", openai_server.url)
     assert llm.ask(provider, SYSTEM, [TRAIN_PY], []).call["description"] == "a"
     assert "HTTP 429 (slow down); retrying in 0.3 s" in capsys.readouterr().out
 
@@ -190,7 +190,7 @@ def test_a_prompt_too_long_is_told_apart_from_a_refusal(message):
     with pytest.raises(SystemExit, match="refused the request \\(400\\)"):
         llm.sort_status(status_error(anthropic.BadRequestError, 400, "max_tokens: must be positive"),
                         "max_tokens: must be positive", "m", "ANTHROPIC_API_KEY")
-    provider = llm.make_provider("openai", "local-model", "http://127.0.0.1:9/v1")
+    provider = cli.make_provider("openai", "local-model", "http://127.0.0.1:9/v1")
     too_big = status_error(openai.BadRequestError, 400, "Error code: 400",
                            body={"message": "Request too large", "code": "context_length_exceeded"})
 
@@ -238,7 +238,7 @@ def test_a_restart_never_repeats_a_request_refused_for_its_size(tmp_path, fake, 
     def make():  # the provider, as a (re)started driver makes it
         if provider == "anthropic":
             return anthropic_provider(fake, monkeypatch)
-        return llm.make_provider("openai", "local-model", fake_server.url)
+        return cli.make_provider("openai", "local-model", fake_server.url)
     fake_server.max_request_chars = 25000
     user = [TRAIN_PY, ("Last lines of the log:\n" + "a long log line\n" * 2500, False)]  # 40,000 characters
     first = make()

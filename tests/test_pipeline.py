@@ -64,7 +64,9 @@ def test_a_proposal_whose_edits_no_longer_apply_is_asked_again(repo, fake, capsy
                      edit("same line", (BASE_LINE, "TRUE_BPB = 0.985000")),
                      edit("asked again", ("TRUE_BPB = 0.990000", "TRUE_BPB = 0.980000"))]
     assert run("--max-experiments", "3", "--greedy") == 0
-    assert "same line: its edits no longer apply to the new best; asking again" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "same line: its edits no longer apply to the new best; asking again" in out
+    assert "total: 3 experiments decided" in out  # (the dropped proposal had a number, and no decision)
     assert [x["description"] for x in rows(repo)] == ["baseline", "first", "asked again"]
     assert len(fake.requests) == 3 and not (repo / "runs/t/0002/train.log").exists()
 
@@ -78,7 +80,8 @@ def test_slots_train_side_by_side_each_on_its_gpu_in_its_worktree(repo, fake):
     assert sorted(log.split("gpu: ")[1].split("\n")[0] for log in logs) == ["0", "1"]
     st = journal(repo)
     assert set(st["slot_seconds"]) == {"gpu0", "gpu1"} and all(v > 0 for v in st["slot_seconds"].values())
-    assert (repo / "runs/t/slots/gpu0/.git").exists() and (repo / "runs/t/slots/gpu1/.git").exists()
+    assert not (repo / "runs/t/slots/gpu0").exists() and not (repo / "runs/t/slots/gpu1").exists()
+    assert len(git(repo, "worktree", "list").splitlines()) == 1  # the slots' worktrees removed at the end
     assert [x["description"].split(" (")[0] for x in rows(repo)] == ["baseline", "noise run 2/3", "noise run 3/3"]
     (a0, a1), (b0, b1) = [map(float, log.split("trained from ")[1].split("\n")[0].split(" to ")) for log in logs]
     assert a0 < b1 and b0 < a1  # the two runs' training overlapped
@@ -86,6 +89,26 @@ def test_slots_train_side_by_side_each_on_its_gpu_in_its_worktree(repo, fake):
     summary = cli.report(repo / "results.tsv", repo / "runs/t/journal.json")
     throughput = next(line for line in summary if line.startswith("throughput:"))
     assert "experiments per hour" in throughput and "gpu0 " in throughput and "gpu1 " in throughput
+
+
+def test_a_restart_with_other_slots_ends_every_run_the_killed_driver_left(repo, fake):
+    """A --gpus 0,1,2,3 driver killed with runs in flight, restarted without --gpus: the runs of
+    slots it no longer has are ended too (every pid file of the run), and stale worktrees pruned."""
+    assert run("--max-experiments", "0", "--greedy") == 0
+    left = []
+    for name in ("gpu1", "gpu3"):  # what the killed driver's slots were training
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "train.py"],
+                                start_new_session=True)
+        (repo / "runs/t/slots").mkdir(parents=True, exist_ok=True)
+        (repo / f"runs/t/slots/{name}.pid").write_text(str(proc.pid))
+        left.append(proc)
+    git(repo, "worktree", "add", "-q", "--detach", str(repo / "runs/t/slots/gpu3"), "HEAD")
+    subprocess.run(["rm", "-rf", str(repo / "runs/t/slots/gpu3")], check=True)  # (its folder gone, git's entry not)
+    assert run("--max-experiments", "0", "--greedy") == 0
+    for proc in left:
+        assert proc.wait(timeout=30) is not None
+    assert not list((repo / "runs/t/slots").glob("*.pid"))
+    assert len(git(repo, "worktree", "list").splitlines()) == 1
 
 
 def test_a_win_on_a_stale_base_is_re_run_on_the_new_best(repo, fake):
@@ -134,15 +157,11 @@ def deadline_near_from_the_first_result(monkeypatch):
     monkeypatch.setattr(loop, "deadline_near", deadline_near)
 
 
-@pytest.mark.parametrize("near_deadline", [False, True])
-def test_a_confirmation_runs_its_repeats_side_by_side_on_slots_nothing_needs(noisy, fake, monkeypatch, near_deadline):
+def test_a_confirmation_runs_its_repeats_side_by_side_on_slots_nothing_needs(noisy, fake, monkeypatch):
     """Three slots, one idea, ahead of the baseline by less than the one-run margin. No other run
     needs the slots, so its third run trains beside its second instead of after it, and the rule
-    decides on all three (one slot: one after the other, as the sequential driver). Also once the
-    deadline is near (from the idea's first result on)."""
+    decides on all three (one slot: one after the other, as the sequential driver)."""
     slow_baseline(noisy, "1.0")
-    if near_deadline:
-        deadline_near_from_the_first_result(monkeypatch)
     fake.replies += [edit("marginal", ("BONUS = 0.0", "BONUS = 0.0025"))]
     started, start = [], slots.start
 
@@ -156,6 +175,22 @@ def test_a_confirmation_runs_its_repeats_side_by_side_on_slots_nothing_needs(noi
     assert (1, "candidate") in idea[2][1]  # the second still training when the third started
     r = [x for x in rows(noisy) if "marginal" in x["description"]]
     assert [x["status"] for x in r] == ["keep"] * 3 and "confirmed: mean 0.997462 over 3 seeds" in r[0]["description"]
+
+
+def test_no_run_starts_past_the_deadline_and_an_unfinished_confirmation_says_so(noisy, fake, monkeypatch):
+    """Four slots; the deadline is near from the idea's first result on: none of the repeats its
+    confirmation asks for may start (they could not end in time), and it is recorded unconfirmed."""
+    slow_baseline(noisy, "1.0")
+    deadline_near_from_the_first_result(monkeypatch)
+    fake.replies += [edit("marginal", ("BONUS = 0.0", "BONUS = 0.0025"))]
+    started, start = [], slots.start
+    monkeypatch.setattr(slots, "start", lambda slot, ctx, night, job, events, *args, **kwargs:
+                        started.append(job[:3]) or start(slot, ctx, night, job, events, *args, **kwargs))
+    assert run("--max-experiments", "1", "--gpus", "0,1,2,3", "--noise-runs", "3") == 0
+    assert [job for job in started if job[0] == 1] == [(1, "candidate", 42)]
+    r = [x for x in rows(noisy) if "marginal" in x["description"]]
+    assert [x["status"] for x in r] == ["discard"] and "unconfirmed: the deadline came before" in r[0]["description"]
+    assert journal(noisy)["in_flight"] == []
 
 
 def test_a_repeat_that_crashes_ends_the_confirmation_even_with_a_repeat_run_ahead(noisy, fake):
@@ -208,19 +243,6 @@ def test_no_repeat_runs_ahead_on_a_slot_an_idea_is_on_its_way_to(noisy, fake, mo
     ideas = [job for job in started if job[0] > 0]
     assert ideas == [(marginal, "candidate", 42), (marginal, "candidate", 45), (3 - marginal, "candidate", 42)]
     assert "marginal [confirmed: mean 0.997429 over 2 seeds" in "\n".join(x["description"] for x in rows(noisy))
-
-
-def test_near_the_deadline_a_repeat_runs_ahead_on_a_slot_an_idea_is_on_its_way_to(noisy, fake, monkeypatch):
-    """As above, but the deadline is near from the marginal idea's first result on: the second idea,
-    still being asked for, could no longer start, so its slot runs the marginal idea's third run
-    ahead at once, and the rule decides on three runs."""
-    slow_baseline(noisy, "1.0")
-    deadline_near_from_the_first_result(monkeypatch)
-    started, marginal = marginal_then_late_idea(noisy, fake, monkeypatch, "train-3.log", 10)
-    assert [job for job in started if job[0] > 0] == [(marginal, "candidate", s) for s in (42, 45, 46)]
-    descriptions = [x["description"] for x in rows(noisy)]
-    assert "marginal [confirmed: mean 0.997462 over 3 seeds" in "\n".join(descriptions)
-    assert not [d for d in descriptions if d.startswith("late")]  # (it waits in the journal for the next night)
 
 
 def test_a_failed_baseline_with_an_idea_already_proposed_resumes_from_the_fix(repo, fake):
@@ -281,6 +303,48 @@ def test_killed_at_any_step_with_the_pipeline_then_restarted(repo, fake, where):
 
 class Killed(BaseException):
     """Stands for kill -9 at one exact instant."""
+
+
+def test_a_run_cut_by_a_kill_resumes_on_the_code_its_decision_is_about(repo, fake):
+    """Two slots: "fast" is kept while "slow" trains on the baseline; the driver dies at that
+    instant. At the restart "slow" is re-applied to "fast" and must train that code (not the commit
+    it had made on the baseline), so its keep holds both changes and the branch drops no keep."""
+    slow_baseline(repo, "0.5")
+    fake.replies += [edit("fast", (BASE_LINE, "TRUE_BPB = 0.980000")),
+                     edit("slow", ("BONUS = 0.0", "BONUS = 0.030000"), ("SLEEP_S = 0.5", "SLEEP_S = 3.0"))]
+    assert run("--max-experiments", "0", "--greedy", "--noise-runs", "1") == 0
+    original = experiment.save
+
+    def dies_once_fast_is_decided(ctx, night):
+        original(ctx, night)
+        if any(p.final and p.description == "fast" for p in night.in_flight):
+            raise Killed
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experiment, "save", dies_once_fast_is_decided)
+        with pytest.raises(Killed):
+            run("--max-experiments", "2", "--greedy", "--gpus", "0,1")
+    time.sleep(1.0)
+    assert run("--max-experiments", "2", "--greedy", "--gpus", "0,1") == 0
+    assert [(x["description"].split(" [")[0], x["val_bpb"]) for x in rows(repo)] == [
+        ("baseline", "1.000000"), ("fast", "0.980000"), ("slow", "0.950000")]
+    assert branch_log(repo)[:3] == ["slow", "fast", "slow stand-in"]
+
+
+def test_no_keep_drops_an_earlier_keep_from_the_branch(repo, fake, monkeypatch):
+    """The invariant checked before the branch moves: were a run to train a commit made on an older
+    best (as one did before the fix above), its keep is refused and the branch keeps "fast"."""
+    rebase = loop.rebase
+
+    def keeps_the_old_commit(ctx, night, p):
+        commit, done = p.commit, rebase(ctx, night, p)
+        p.commit = commit
+        return done
+    monkeypatch.setattr(loop, "rebase", keeps_the_old_commit)
+    with pytest.raises(AssertionError):
+        test_a_run_cut_by_a_kill_resumes_on_the_code_its_decision_is_about(repo, fake)
+    r = rows(repo)
+    assert r[2]["status"] == "discard" and "refused: its commit does not hold the best's code" in r[2]["description"]
+    assert branch_log(repo)[:2] == ["fast", "slow stand-in"]
 
 
 def test_kill_9_with_two_runs_in_flight_then_restart(repo, fake, tmp_path):

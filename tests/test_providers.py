@@ -153,7 +153,7 @@ def test_price_flag_and_provider_selection():
     assert llm.cost({"input": 1_000_000, "output": 1_000_000}, llm.parse_price("0.5,1.5")) == pytest.approx(2.0)
     assert llm.cost({"input": 10}, None) is None
     assert llm.parse_price("3,15,3.75,0.3") == (3.0, 15.0, 3.75, 0.3)
-    assert llm.make_provider("anthropic", "openai:gpt-test", "http://127.0.0.1:9/v1").name == "openai"
+    assert cli.make_provider("anthropic", "openai:gpt-test", "http://127.0.0.1:9/v1").name == "openai"
 
 
 # ---------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_a_refusal_of_tools_seen_by_two_threads_at_once_ends_nothing(server):
     import threading
     openai_server = server(reject_tools=True)
     openai_server.replies += [text_edit("a", ("x", "y")), text_edit("b", ("x", "y"))]
-    provider = llm.make_provider("openai", "local-model", openai_server.url)
+    provider = cli.make_provider("openai", "local-model", openai_server.url)
     barrier, results = threading.Barrier(2), []
 
     def ask():

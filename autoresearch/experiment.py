@@ -45,22 +45,20 @@ def next_step(ctx, night, p):
     (see stale_keep)."""
     if p.final:
         return ("record", p.final.status, p.final.note)
-    if running(ctx, p) and p.kind != "baseline":
+    if p.kind == "baseline":
+        return baseline_step(ctx, night, p)
+    if running(ctx, p):
         return ("wait",)
     cand = attempt_runs(p, ("candidate", "noise"))
-    if p.kind == "candidate" and not night.best_vals:
-        return ("wait",)  # ideas start once the baseline is measured
     if not cand:
-        return ("wait",) if running(ctx, p) else ("run", "candidate", BASE_SEED)
+        return ("run", "candidate", BASE_SEED)  # (also before the baseline is measured: decided after)
     if cand[0].val_bpb is None:  # the attempt's first run failed
-        if p.kind == "baseline" or p.attempt - len(p.rebased_attempts) >= ctx.fix_attempts \
+        if p.attempt - len(p.rebased_attempts) >= ctx.fix_attempts \
                 or not training.fixable(cand[0].failure):  # (rebases are no fixes)
             return ("record", "crash", "")
         return ("fix", cand[0])
-    if p.kind == "baseline":  # its noise runs may train side by side on free slots
-        if len(cand) + len(running(ctx, p)) < ctx.noise_runs:
-            return ("run", "noise", next_seed(night))
-        return ("wait",) if running(ctx, p) else ("record", "keep", "")
+    if not night.best_vals:
+        return ("wait",)  # the decision needs the baseline's numbers
     runs = sorted(attempt_runs(p), key=lambda r: r.seed)  # (seeds are taken in the order runs start)
     crashed = [i for i, r in enumerate(runs) if r.val_bpb is None]
     vals = measured(runs[:crashed[0]] if crashed else runs)  # a crash ends the repeats, even those run ahead
@@ -76,6 +74,18 @@ def next_step(ctx, night, p):
     if note and len(vals) > 1 and len(set(vals)) == 1:
         return ("record", "discard", "refused: identical val_bpb on different seeds (train.py ignores AUTORESEARCH_SEED)")
     return ("record", action, note)
+
+
+def baseline_step(ctx, night, p):
+    """The baseline's runs, its first seed and its noise runs, side by side on free slots from the
+    start; decided once none trains: kept, or a crash if any run failed (the night then stops)."""
+    cand, training_now = attempt_runs(p, ("candidate", "noise")), running(ctx, p)
+    if any(r.val_bpb is None for r in cand):
+        return ("wait",) if training_now else ("record", "crash", "")
+    if len(cand) + len(training_now) < ctx.noise_runs:
+        first_taken = any(r.role == "candidate" for r in cand) or any(s.job[1] == "candidate" for s in training_now)
+        return ("run", "noise", next_seed(night)) if first_taken else ("run", "candidate", BASE_SEED)
+    return ("wait",) if training_now else ("record", "keep", "")
 
 
 def ahead_step(ctx, night, p):
@@ -149,7 +159,7 @@ def experiment_rows(ctx, night, p, status, note):
     """results.tsv lines for every run of the experiment, each description saying what it was."""
     description = p.description + (f" (fixed after a crash: {p.fix_description})" if p.fix_description else "")
     lines, runs_in_group = [], {}
-    for r in p.runs:
+    for r in sorted(p.runs, key=lambda r: (r.attempt, r.seed)):  # (in the order they started, not ended)
         group = (r.role, r.attempt)
         i = runs_in_group[group] = runs_in_group.get(group, 0) + 1  # run number within its group
         failed = r.val_bpb is None

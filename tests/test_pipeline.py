@@ -72,11 +72,11 @@ def test_a_proposal_whose_edits_no_longer_apply_is_asked_again(repo, fake, capsy
 
 
 def test_slots_train_side_by_side_each_on_its_gpu_in_its_worktree(repo, fake):
-    """Once its first run shows the baseline works, its two noise runs (seeds) train at once, one
-    on each GPU."""
+    """The baseline's seeds train side by side from the start, one on each GPU (its first run and a
+    noise run at once, then the third)."""
     slow_baseline(repo)
     assert run("--max-experiments", "0", "--gpus", "0,1", "--noise-runs", "3") == 0
-    logs = [(repo / "runs/t/0000" / name).read_text() for name in ("train-2.log", "train-3.log")]
+    logs = [(repo / "runs/t/0000" / name).read_text() for name in ("train.log", "train-2.log")]
     assert sorted(log.split("gpu: ")[1].split("\n")[0] for log in logs) == ["0", "1"]
     st = journal(repo)
     assert set(st["slot_seconds"]) == {"gpu0", "gpu1"} and all(v > 0 for v in st["slot_seconds"].values())
@@ -109,6 +109,27 @@ def test_a_restart_with_other_slots_ends_every_run_the_killed_driver_left(repo, 
         assert proc.wait(timeout=30) is not None
     assert not list((repo / "runs/t/slots").glob("*.pid"))
     assert len(git(repo, "worktree", "list").splitlines()) == 1
+
+
+def test_ideas_train_beside_the_baseline_and_are_decided_once_its_numbers_are_in(noisy, fake, monkeypatch):
+    """Four slots from the first minute: the baseline's three seeds and the first idea train at once
+    (the idea proposed against the baseline's code); the idea is decided after the baseline."""
+    slow_baseline(noisy, "2.0")
+    fake.replies += [edit("early", (BASE_LINE, "TRUE_BPB = 0.900000"))]
+    started, start = [], slots.start
+
+    def record_start(slot, ctx, night, job, events, *args, **kwargs):
+        started.append((job[:3], [s.job[:2] for s in ctx.slots if s.job]))
+        return start(slot, ctx, night, job, events, *args, **kwargs)
+    monkeypatch.setattr(slots, "start", record_start)
+    assert run("--max-experiments", "1", "--gpus", "0,1,2,3", "--noise-runs", "3") == 0
+    baseline = [job for job, _ in started if job[0] == 0]
+    assert [job[1] for job in baseline] == ["candidate", "noise", "noise"]
+    idea, beside = next((job, beside) for job, beside in started if job[0] == 1)
+    assert idea == (1, "candidate", 42) and (0, "candidate") in beside  # the baseline still training
+    r = rows(noisy)
+    assert [x["description"].split(" (")[0] for x in r[:3]] == ["baseline", "noise run 2/3", "noise run 3/3"]
+    assert [x for x in r if x["description"].startswith("early")][0]["status"] == "keep"
 
 
 def test_a_win_on_a_stale_base_is_re_run_on_the_new_best(repo, fake):

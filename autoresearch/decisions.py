@@ -48,11 +48,12 @@ def decide(candidate_vals, best_vals, sigma, greedy, no_repeat=""):
     if n == 1 and best - cand <= CONFIRM_MIN_K * sigma * math.sqrt(1 + 1 / len(best_vals)):
         return "discard", ""
     note = f"not confirmed: mean {cand:.6f} over {n} seeds vs best {best:.6f}, margin {need:.6f}"
-    if cand >= best or n >= CONFIRM_RUNS:
+    best_short = len(best_vals) < min(n, CONFIRM_RUNS - 1)  # (runs carried over a re-base can outnumber the best's)
+    if cand >= best or n >= CONFIRM_RUNS and not best_short:
         return "discard", note
     if no_repeat:
         return "discard", f"{note} ({no_repeat})"
-    return ("repeat_best" if len(best_vals) < n else "repeat"), note
+    return ("repeat_best" if best_short or len(best_vals) < n else "repeat"), note
 
 
 def budget_allows(run_counts):

@@ -13,6 +13,7 @@ from autoresearch.records import Best, Final, git
 
 BASE_SEED = 42                     # seed of every first run; repeats take BASE_SEED+1, +2, ...
 AWAITING_LESSONS = 8               # finished ideas the model is asked a lesson for, at most (the latest)
+MAX_REBASES = 3                    # times an idea ahead of a parent no longer the best is moved onto the new one
 
 
 def save(ctx, night):
@@ -41,8 +42,8 @@ def measured(runs):
 
 def next_step(ctx, night, p):
     """("run", role, seed), ("fix", failed run), ("record", status, note) or ("wait",). A keep on a
-    parent that is no longer the best, or a gain on it still to confirm, re-bases the experiment
-    (see stale_keep)."""
+    parent that is no longer the best re-bases the experiment (see stale_keep); a gain still to
+    confirm is confirmed on the parent it was measured on first."""
     if p.final:
         return ("record", p.final.status, p.final.note)
     if p.kind == "baseline":
@@ -64,9 +65,13 @@ def next_step(ctx, night, p):
     vals = measured(runs[:crashed[0]] if crashed else runs)  # a crash ends the repeats, even those run ahead
     no_repeat = "a repeat crashed" if crashed else \
         "" if decisions.budget_allows(night.run_counts) else "noise budget spent"
-    action, note = decisions.decide(vals, night.groups.get(p.parent, []), night.sigma, ctx.greedy, no_repeat)
-    if action in ("keep", "repeat", "repeat_best") and p.parent != night.best.commit:
-        return stale_keep(ctx, night, p)
+    prior, parent_vals = carried(night, p), night.groups.get(p.parent, [])
+    action, note = decisions.decide(prior + vals, parent_vals, night.sigma, ctx.greedy, no_repeat)
+    if action == "keep" and prior and statistics.fmean(vals) >= statistics.fmean(parent_vals):
+        action, note = "discard", (f"ahead on an earlier best, but not on this one (mean {statistics.fmean(vals):.6f} "
+                                   f"vs {statistics.fmean(parent_vals):.6f})")
+    if action == "keep" and p.parent != night.best.commit:
+        return stale_keep(ctx, night, p)  # (a gain still to confirm is confirmed on its parent first)
     if action == "repeat":
         return ("run", "candidate", next_seed(night))
     if action == "repeat_best":
@@ -98,12 +103,13 @@ def ahead_step(ctx, night, p):
     if p.kind != "candidate" or p.final or not pending or p.parent != night.best.commit or not runs \
             or any(r.val_bpb is None for r in runs):
         return None
-    action, _ = decisions.decide(measured(runs), night.groups.get(p.parent, []), night.sigma, ctx.greedy)
+    prior = carried(night, p)
+    action, _ = decisions.decide(prior + measured(runs), night.groups.get(p.parent, []), night.sigma, ctx.greedy)
     training_now = sum(bool(s.job) for s in ctx.slots)  # (every run in flight counted as a repeat)
     counts = {"noise": night.run_counts["noise"] + training_now, "total": night.run_counts["total"] + training_now}
     if action not in ("repeat", "repeat_best") or not decisions.budget_allows(counts):
         return None
-    if len(runs) + pending.count("candidate") < decisions.CONFIRM_RUNS:
+    if len(prior) + len(runs) + pending.count("candidate") < decisions.CONFIRM_RUNS:
         return ("run", "candidate", next_seed(night))
     if len(night.groups.get(p.parent, [])) + pending.count("best") < decisions.CONFIRM_RUNS - 1:
         return ("run", "best", next_seed(night))
@@ -123,17 +129,37 @@ def next_seed(night):
     return night.next_seed + 1
 
 
+def carried(night, p):
+    """What the idea's runs on earlier bests say, moved onto its parent now: each run's value plus the
+    difference between the parent's mean and the mean of the best it was measured on (an effect that
+    adds to either code). The decision on the new parent counts them with its own runs, so a re-base
+    costs one run, not a confirmation again; a keep still needs the runs on the code it is kept into
+    to beat that code."""
+    now, out = night.groups.get(p.parent), []
+    for attempt, measured_on in p.rebased_from if now else []:
+        before = night.groups.get(measured_on)
+        runs = sorted((r for r in p.runs if r.attempt == attempt and r.role == "candidate"), key=lambda r: r.seed)
+        crashed = [i for i, r in enumerate(runs) if r.val_bpb is None]
+        vals = measured(runs[:crashed[0]] if crashed else runs)
+        if before and vals:
+            out += [v + statistics.fmean(now) - statistics.fmean(before) for v in vals]
+    return out
+
+
 def stale_keep(ctx, night, p):
-    """It beats its parent (or is ahead of it, to be confirmed), but the parent is no longer the
-    best: never kept on a stale base. Its edits go on the new best and it runs again as the same
-    experiment (a gain to confirm is confirmed there: repeats on the stale base would be spent on
-    code that can no longer be kept)."""
+    """It beats its parent (confirmed there when the margin asked for repeats), but the parent is no
+    longer the best: never kept on a stale base. Its edits go on the new best and it runs again as
+    the same experiment, its runs so far carried over (see carried); after MAX_REBASES it is given up."""
+    if len(p.rebased_attempts) >= MAX_REBASES:
+        return ("record", "discard", f"ahead of its parent, but the best moved {MAX_REBASES} times while it was "
+                                     "measured; not re-run again")
     source = proposals.reapply(records.train_py_at(ctx.repo, night.best.commit), p.edits)
     if source is None:
         return ("record", "discard", "ahead of its parent, but its edits do not apply to the new best")
     keep_discarded(ctx, f"{p.n:04d}-{p.attempt + 1}", p.commit)  # the stale attempt stays readable
     conversation = conversation_path(p, p.attempt)
     p.rebased_attempts.append(p.attempt)
+    p.rebased_from.append([p.attempt, p.parent])
     p.attempt += 1
     if conversation.exists():  # a fix of the re-run continues the same conversation
         conversation_path(p, p.attempt).write_text(conversation.read_text())

@@ -68,6 +68,7 @@ class Experiment:
     parent_description: str = ""
     edits: list = field(default_factory=list)  # every edit list applied to the parent, in order (to re-apply)
     rebased_attempts: list[int] = field(default_factory=list)  # attempts ahead of a parent no longer the best
+    rebased_from: list = field(default_factory=list)  # [attempt, the parent it was measured on], per re-base
     hypothesis: str = ""               # the model's one line: why it should help
     theme: str = ""                    # the kind of change (the notebook's section)
 

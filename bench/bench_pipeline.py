@@ -54,9 +54,10 @@ print(f"max_seq_len: {{prepare.MAX_SEQ_LEN}}\\ntime_budget: {{prepare.TIME_BUDGE
 '''
 
 
-def ideas(llm_s, seed=0):
+def ideas(llm_s, seed=0, mix=(0.5, 0.35, 0.15)):
     """The scripted LLM: after llm_s seconds, sets one knob still at 0 in the train.py it is shown to
-    a drawn true effect (half worse, a third neutral, the rest real gains of 0.5-3 sigma). The k-th
+    a drawn true effect: `mix` the shares of real gains (0.5-4 sigma), neutral changes and harmful
+    ones (0.5-3 sigma worse). The k-th
     idea's effect is drawn from (seed, k) alone, so every mode is given the same true effects in the
     same order, whatever it was shown (the knob is drawn from those still free). A request to
     condense the notebook (a long night) is answered with its headings and keeps."""
@@ -72,7 +73,8 @@ def ideas(llm_s, seed=0):
         free = [int(k) for k in re.findall(r"^KNOB_(\d+) = 0\.0$", shown, re.M)]
         knob = random.Random(f"{seed}:{i}:knob").choice(free)  # (the knob sets the code, hence the noise)
         u, draw = random.Random(f"{seed}:{i}").random(), random.Random(f"{seed}:{i}:effect")
-        effect = NOISE_STD * (draw.uniform(0.5, 4) if u < 0.5 else 0.0 if u < 0.85 else -draw.uniform(0.5, 3))
+        effect = NOISE_STD * (draw.uniform(0.5, 4) if u < mix[0] else 0.0 if u < mix[0] + mix[1] else
+                              -draw.uniform(0.5, 3))
         name = f"idea {i + 1}: knob {knob}"
         truth[name] = effect
         return edit(name, (f"KNOB_{knob:02d} = 0.0", f"KNOB_{knob:02d} = {effect:.6f}"))
@@ -126,7 +128,7 @@ def night(mode, args):
                                                                 "commit", "-q", "-m", "stand-in"]):
         subprocess.run(["git", *command], cwd=repo, check=True)
     fake = FakeAnthropic()
-    reply, truth = ideas(args.llm_s, args.seed)
+    reply, truth = ideas(args.llm_s, args.seed, args.mix)
     fake.replies += [reply] * 100_000  # (a reply is only taken when asked for)
     os.environ.update(ANTHROPIC_BASE_URL=fake.url, ANTHROPIC_API_KEY="bench", AUTORESEARCH_CACHE=str(cache),
                       AUTORESEARCH_TIME_BUDGET="300")
@@ -148,6 +150,7 @@ def night(mode, args):
     rows = records.read_tsv(repo / "results.tsv")
     kept = [r for r in rows if r["status"] == "keep" and r["description"].split(" [")[0] in truth]
     false_keeps = [r for r in kept if truth[r["description"].split(" [")[0]] >= 0]
+    rebases = sum("which was no longer the best" in r["description"] for r in rows)  # (one row per move)
     wall, done = st["wall_s"] - before["wall_s"], st["done"] - before["done"]
     runs = len(rows) - len(before["rows"])
     busy = sum(st["slot_seconds"].values()) - sum(before["slot_seconds"].values())
@@ -156,7 +159,7 @@ def night(mode, args):
     return {"experiments": done, "wall_s": wall, "per_hour": done / (wall / 3600), "duty": busy / n_slots / wall,
             "steady_per_hour": steady_per_hour(decisions.times),
             "slots": n_slots, "runs": runs, "gap_s": (wall * n_slots - busy) / max(runs, 1), "kept": len(kept),
-            "false_keeps": len(false_keeps)}
+            "false_keeps": len(false_keeps), "rebases": rebases}
 
 
 def main():
@@ -171,25 +174,34 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="which night of ideas (default 0)")
     parser.add_argument("--modes", default="sequential,pipeline-1,pipeline-4",
                         help="which nights, comma-separated (default: all three)")
+    parser.add_argument("--mix", default="0.5,0.35,0.15",
+                        help="shares of real gains, neutral and harmful ideas (default 0.5,0.35,0.15; an early "
+                             "night of a real search may look like 0.2,0.5,0.3)")
     args = parser.parse_args()
+    try:
+        args.mix = tuple(float(x) for x in args.mix.split(","))
+        assert len(args.mix) == 3 and min(args.mix) >= 0 and abs(sum(args.mix) - 1) < 1e-6
+    except (ValueError, AssertionError):
+        parser.error(f"--mix {args.mix!r}: three shares that sum to 1, e.g. 0.2,0.5,0.3")
     if args.hours <= 0 or (args.experiments is not None and args.experiments < 1):
         parser.error("a night needs --hours above 0, or --experiments of at least 1")
     length = f"{args.experiments} ideas" if args.experiments is not None else \
         f"{args.hours:g} hours ({night_minutes(args):g} minutes at this scale)"
     print(f"stand-in runs of {args.run_s:g} s, LLM replies after {args.llm_s:g} s, a night of {length} after the "
-          f"baseline (figures from the ideas' session only), night {args.seed}; noise-aware rule, sigma {NOISE_STD}")
+          f"baseline (figures from the ideas' session only), night {args.seed}; noise-aware rule, sigma {NOISE_STD}; "
+          f"ideas {args.mix[0]:.0%} gains, {args.mix[1]:.0%} neutral, {args.mix[2]:.0%} harmful")
     print(f"{'mode':>12} {'slots':>5} {'exp':>4} {'runs':>5} {'wall s':>7} {'exp/h':>7} {'steady':>7} {'duty':>6} "
-          f"{'gap s/run':>9} {'kept':>5} {'false keeps':>11}")
+          f"{'gap s/run':>9} {'kept':>5} {'false keeps':>11} {'moves':>5}")
     results = {}
     for mode in args.modes.split(","):
         r = results[mode] = night(mode, args)
         print(f"{mode:>12} {r['slots']:>5} {r['experiments']:>4} {r['runs']:>5} {r['wall_s']:7.1f} {r['per_hour']:7.1f} "
               f"{r['steady_per_hour']:7.1f} "
               f"{r['duty']:6.1%} {r['gap_s']:9.2f} {r['kept']:>5} {r['false_keeps']:>4} "
-              f"({r['false_keeps'] / max(r['kept'], 1):.0%})", flush=True)
+              f"({r['false_keeps'] / max(r['kept'], 1):.0%}) {r['rebases']:>5}", flush=True)
     if {"pipeline-1", "pipeline-4"} <= set(results):
         one, four = results["pipeline-1"], results["pipeline-4"]
-        print(f"\n4 slots vs 1: {four['per_hour'] / one['per_hour']:.2f}x the experiments per hour over the "
+        print(f"\n4 slots vs 1: {four['per_hour'] / one['per_hour']:.2f}x the ideas decided per hour over the "
               f"whole night, {four['steady_per_hour'] / one['steady_per_hour']:.2f}x once under way (steady), "
               f"{four['runs'] / four['wall_s'] / (one['runs'] / one['wall_s']):.2f}x the runs per hour; "
               f"1-slot pipeline duty {one['duty']:.1%}")

@@ -150,21 +150,23 @@ def test_a_win_on_a_stale_base_is_re_run_on_the_new_best(repo, fake):
     assert journal(repo)["in_flight"] == [] and journal(repo)["best"]["description"] == "slow"
 
 
-def test_a_gain_to_confirm_on_a_stale_base_is_confirmed_on_the_new_best(noisy, fake):
-    """Noise-aware: "slow" is ahead of the baseline by less than the one-run margin, but the
-    baseline is no longer the best when it ends. Its repeats would be spent on code that can
-    never be kept: it goes to the new best after its one run, and is confirmed there."""
+def test_a_gain_to_confirm_on_a_stale_base_is_confirmed_there_then_moved_with_its_runs(noisy, fake):
+    """Noise-aware: "slow" is ahead of the baseline by less than the one-run margin, and the
+    baseline is no longer the best when it ends. It is confirmed on the baseline (its parent, whose
+    numbers are known) first, then moved to the new best with its runs carried over: one run there
+    decides it, not a confirmation again."""
     slow_baseline(noisy, "0.5")
     fake.replies += [edit("fast", (BASE_LINE, "TRUE_BPB = 0.980000")),
-                     edit("slow", ("BONUS = 0.0", "BONUS = 0.002"), ("SLEEP_S = 0.5", "SLEEP_S = 3.0"))]
+                     edit("slow", ("BONUS = 0.0", "BONUS = 0.003"), ("SLEEP_S = 0.5", "SLEEP_S = 3.0"))]
     assert run("--max-experiments", "2", "--gpus", "0,1", "--noise-runs", "3") == 0
     r = rows(noisy)
-    slow = [x for x in r if x["description"].split(" [")[0].endswith("slow")]
-    stale = [x for x in slow if x["status"] == "discard"]
-    assert len(stale) == 1 and "ahead of its parent, which was no longer the best" in stale[0]["description"]
-    assert float(stale[0]["val_bpb"]) > min(float(x["val_bpb"]) for x in r[:3]) - 0.002  # (no clear win)
-    on_best = [x for x in slow if x["commit"] != stale[0]["commit"]]
-    assert on_best and all(x["status"] == "keep" for x in on_best) and len(on_best) > 1  # confirmed there
+    slow = [x for x in r if x["description"].split(" [")[0].split(": ")[-1] == "slow"]
+    stale = [x for x in slow if x["commit"] == slow[0]["commit"]]
+    assert len(stale) == 2 and all(x["status"] == "discard" for x in stale)  # its first run and a repeat
+    assert "ahead of its parent, which was no longer the best" in stale[0]["description"]
+    assert float(stale[0]["val_bpb"]) > min(float(x["val_bpb"]) for x in r[:3]) - 0.003  # (no clear win)
+    on_best = [x for x in slow if x["commit"] != slow[0]["commit"]]
+    assert [x["status"] for x in on_best] == ["keep"]  # one run on the new best
     assert branch_log(noisy)[:2] == ["slow", "fast"]
 
 
@@ -224,6 +226,31 @@ def test_a_repeat_that_crashes_ends_the_confirmation_even_with_a_repeat_run_ahea
     r = [x for x in rows(noisy) if "flaky" in x["description"]]
     assert sorted(x["status"] for x in r) == ["crash", "discard", "discard"]
     assert "(a repeat crashed)" in r[0]["description"] and branch_log(noisy)[0] != "flaky"
+
+
+def test_runs_on_an_earlier_best_are_carried_and_an_idea_is_given_up_after_the_cap():
+    """What an idea's runs on the best it was measured on say, moved onto its parent now by the
+    difference of the two bests' means (a crash ends what counts, as in a confirmation); after
+    MAX_REBASES moves it is not moved again."""
+    from types import SimpleNamespace
+    run_on = lambda attempt, seed, val: records.Run("candidate", seed, "c", attempt, val, 0.0, 1.0, "", "")  # noqa: E731
+    p = records.Experiment(1, "candidate", "idea", "/x/0001", "/x/0001/candidate-2.py", None, 0, attempt=1,
+                           parent="new", runs=[run_on(0, 42, 0.995), run_on(0, 45, 0.997), run_on(0, 46, None),
+                                               run_on(0, 47, 0.990), run_on(1, 42, 0.978)],
+                           rebased_attempts=[0], rebased_from=[[0, "old"]])
+    night = SimpleNamespace(groups={"old": [1.0, 1.002], "new": [0.98]})
+    assert experiment.carried(night, p) == pytest.approx([0.995 - 0.021, 0.997 - 0.021])
+    # together they beat the new best, but its own run on the new best does not: no keep
+    p.runs[-1].val_bpb = 0.981
+    ctx = SimpleNamespace(slots=[], fix_attempts=2, greedy=True)
+    night.best, night.best_vals, night.sigma, night.run_counts = SimpleNamespace(commit="new"), [0.98], None, {
+        "noise": 0, "total": 10}
+    assert experiment.next_step(ctx, night, p) == (
+        "record", "discard", "ahead on an earlier best, but not on this one (mean 0.981000 vs 0.980000)")
+    p.rebased_attempts = list(range(experiment.MAX_REBASES))
+    assert experiment.stale_keep(None, night, p) == (
+        "record", "discard", f"ahead of its parent, but the best moved {experiment.MAX_REBASES} times while it was "
+                             "measured; not re-run again")
 
 
 def test_runs_side_by_side_never_share_a_log():

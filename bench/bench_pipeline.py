@@ -49,7 +49,8 @@ time.sleep(SLEEP_S)
 effects = sum(v for k, v in globals().items() if k.startswith("KNOB_"))
 code = hashlib.sha256(open(__file__, "rb").read()).hexdigest()
 noise = {noise} * random.Random(f"{{seed}}:{{code}}").gauss(0, 1)
-print(f"---\\nval_bpb: {{1.0 + effects + noise:.6f}}\\npeak_vram_mb: 0.0\\nseed: {{seed}}")
+val_bpb = prepare.evaluate_bpb(prepare.ConstantModel(round(1.0 + effects + noise, 6)), None, 4)  # (scored by the driver)
+print(f"---\\nval_bpb: {{val_bpb:.6f}}\\npeak_vram_mb: 0.0\\nseed: {{seed}}")
 print(f"max_seq_len: {{prepare.MAX_SEQ_LEN}}\\ntime_budget: {{prepare.TIME_BUDGET}}\\neval_tokens: {{prepare.EVAL_TOKENS}}")
 '''
 

@@ -24,3 +24,15 @@ def test_gpu_check_dry_run_runs_every_step_and_summarizes(tmp_path):
         ["env.txt", "prepare.log", "cold.log", "warm.log", "summary.txt", "tests.log", "attention.txt"])
     assert "fastest exact candidate, window" in (out / "attention.txt").read_text()
     assert "passed" in (out / "tests.log").read_text()
+
+
+def test_the_pipeline_bench_runs_a_short_night_and_prints_its_figures():
+    """bench_pipeline.py's stand-in must still be what the driver accepts (it is scored by the
+    driver): a night of one idea prints its row."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_pipeline.py"), "--modes", "pipeline-1",
+                             "--experiments", "1", "--run-s", "0.5", "--llm-s", "0.1", "--mix", "0.2,0.5,0.3"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    row = result.stdout.strip().splitlines()[-1].split()
+    assert row[:3] == ["pipeline-1", "1", "1"], result.stdout  # mode, slots, one idea decided
+    assert "20% gains, 50% neutral, 30% harmful" in result.stdout

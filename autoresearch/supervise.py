@@ -33,7 +33,8 @@ import sys
 import time
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
-POLL_S = 0.1                       # how often processes, threads and the log's bytes are counted
+POLL_S = 0.1                       # how often the log's bytes are counted
+COUNT_S = 0.25                     # how often processes and threads are
 WALK_S = 1.0                       # how often the bytes on disk are, at least (a walk of the run's folders)
 ENTRY_BYTES = 4096                 # what a file or folder counts at the least (its inode, a block)
 EXIT_LIMIT = 125                   # the exit code of a run stopped at a limit (the reason is in the report)
@@ -67,14 +68,16 @@ def main(limits, argv):
             os.execvp(argv[0], argv)
         finally:
             os._exit(127)
-    status, why, next_walk, exited = None, "", 0.0, child_exit(child)
+    status, why, next_walk, next_count, exited = None, "", 0.0, 0.0, child_exit(child)
     try:
         while status is None and not terminating and not why:
             exited(POLL_S)
             status = reap(child)
             if status is not None:
                 break
-            why = over_limit(limits, cgroup)
+            why = over_output(limits)
+            if not why and time.monotonic() >= next_count:
+                why, next_count = over_count(limits, cgroup), time.monotonic() + COUNT_S
             if not why and time.monotonic() >= next_walk:
                 started = time.monotonic()
                 why = over_written(limits)
@@ -124,15 +127,20 @@ def reap(child, block=False):
             status, block = code, False
 
 
-def over_limit(limits, cgroup):
-    """Why the run must stop now, by its processes, threads or output ("" while it is within them)."""
+def over_output(limits):
+    """Why the run must stop now, by what it printed ("" while it is within the limit)."""
+    if size(limits.get("log")) > limits["output"]:
+        return f"it printed more than {human(limits['output'])} (the limit on output)"
+    return ""
+
+
+def over_count(limits, cgroup):
+    """Why the run must stop now, by its processes or threads ("" while it is within them)."""
     found = descendants()
     if len(found) > limits["processes"]:
         return f"it ran more than {limits['processes']:,} processes at once (the limit on processes)"
     if sum(found.values()) > limits["tasks"] or cgroup and tasks_refused(cgroup):
         return f"it ran more than {limits['tasks']:,} processes and threads (the limit on tasks)"
-    if size(limits.get("log")) > limits["output"]:
-        return f"it printed more than {human(limits['output'])} (the limit on output)"
     return ""
 
 

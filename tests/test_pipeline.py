@@ -111,17 +111,23 @@ def test_a_restart_with_other_slots_ends_every_run_the_killed_driver_left(repo, 
     assert len(git(repo, "worktree", "list").splitlines()) == 1
 
 
-def test_ideas_train_beside_the_baseline_and_are_decided_once_its_numbers_are_in(noisy, fake, monkeypatch):
-    """Four slots from the first minute: the baseline's three seeds and the first idea train at once
-    (the idea proposed against the baseline's code); the idea is decided after the baseline."""
-    slow_baseline(noisy, "2.0")
-    fake.replies += [edit("early", (BASE_LINE, "TRUE_BPB = 0.900000"))]
+def starts_with_company(monkeypatch):
+    """Every run started, as ((experiment, role, seed), what the slots were training then)."""
     started, start = [], slots.start
 
     def record_start(slot, ctx, night, job, events, *args, **kwargs):
         started.append((job[:3], [s.job[:2] for s in ctx.slots if s.job]))
         return start(slot, ctx, night, job, events, *args, **kwargs)
     monkeypatch.setattr(slots, "start", record_start)
+    return started
+
+
+def test_ideas_train_beside_the_baseline_and_are_decided_once_its_numbers_are_in(noisy, fake, monkeypatch):
+    """Four slots from the first minute: the baseline's three seeds and the first idea train at once
+    (the idea proposed against the baseline's code); the idea is decided after the baseline."""
+    slow_baseline(noisy, "2.0")
+    fake.replies += [edit("early", (BASE_LINE, "TRUE_BPB = 0.900000"))]
+    started = starts_with_company(monkeypatch)
     assert run("--max-experiments", "1", "--gpus", "0,1,2,3", "--noise-runs", "3") == 0
     baseline = [job for job, _ in started if job[0] == 0]
     assert [job[1] for job in baseline] == ["candidate", "noise", "noise"]
@@ -186,12 +192,7 @@ def test_a_confirmation_runs_its_repeats_side_by_side_on_slots_nothing_needs(noi
     decides on all three (one slot: one after the other, as the sequential driver)."""
     slow_baseline(noisy, "1.0")
     fake.replies += [edit("marginal", ("BONUS = 0.0", "BONUS = 0.0025"))]
-    started, start = [], slots.start
-
-    def record_start(slot, ctx, night, job, events, *args, **kwargs):
-        started.append((job[:3], [s.job[:2] for s in ctx.slots if s.job]))
-        return start(slot, ctx, night, job, events, *args, **kwargs)
-    monkeypatch.setattr(slots, "start", record_start)
+    started = starts_with_company(monkeypatch)
     assert run("--max-experiments", "1", "--gpus", "0,1,2", "--noise-runs", "3") == 0
     idea = [(job, beside) for job, beside in started if job[0] == 1]
     assert [job[1:] for job, _ in idea] == [("candidate", 42), ("candidate", 45), ("candidate", 46)]

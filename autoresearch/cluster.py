@@ -106,6 +106,6 @@ def train_on_node(source, project, seed, timeout_s, settings, env, pass_env, san
                                        pass_env, box, env.get("AUTORESEARCH_CACHE") or prepare.CACHE_DIR,
                                        extra_env=env, prepare=prepare,
                                        check_below=check_below, fill_cache=fill_cache, limits=limits)
-        return result, training.read_tail(work / "train.log", LOG_BYTES), hashes, socket.gethostname()
+        return result, records.read_tail(work / "train.log", LOG_BYTES), hashes, socket.gethostname()
     finally:
         scoring.remove(work)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from autoresearch.decisions import margin
 from autoresearch.edits import TOOL_NAME
-from autoresearch.records import TSV_HEADER
+from autoresearch.records import TSV_HEADER, read_tail
 
 PREPARE_API = ("MAX_SEQ_LEN", "TIME_BUDGET", "EVAL_TOKENS", "VOCAB_SIZE", "SEED", "Tokenizer",
                "get_token_bytes", "make_dataloader", "evaluate_bpb", "check_causal")  # shown to the model
@@ -56,9 +56,7 @@ def mask_secrets(text, env=None):
 def log_tail(path, lines=LOG_TAIL_LINES):
     """A failed run's log tail for the model: its last lines, each cut to LOG_LINE_CHARS and all to
     LOG_TAIL_CHARS (saying so), keys and tokens masked; read from the log's end only."""
-    with open(path, "rb") as f:
-        f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_READ_BYTES))
-        text = mask_secrets(f.read().decode(errors="replace"))  # (before any cut: no key split in two)
+    text = mask_secrets(read_tail(path, LOG_READ_BYTES))  # (before any cut: no key split in two)
     kept = []
     for line in text.splitlines()[-lines:]:
         cut = len(line) - LOG_LINE_CHARS

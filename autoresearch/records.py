@@ -232,6 +232,13 @@ def sha256_file(path):
     return h.hexdigest()
 
 
+def read_tail(path, limit=1 << 20):
+    """The last `limit` bytes of a log as text (a run can print without bound)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+        return f.read().decode(errors="replace")
+
+
 def set_aside(path, why, folder=None):
     """Move a file out of the way (into `folder`, default its own; never delete it); its new path."""
     dest = Path(folder or path.parent) / f"{path.stem}-{why}-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}"

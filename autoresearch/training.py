@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoresearch import prompt, records, scoring
-from autoresearch.records import write_atomic
+from autoresearch.records import read_tail, write_atomic
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding this package
 
@@ -438,9 +438,3 @@ def python_path():
     whatever was set."""
     return os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(PACKAGE_ROOT)) if p)
 
-
-def read_tail(path, limit=1 << 20):
-    """The last `limit` bytes of a log as text (a run can print without bound)."""
-    with open(path, "rb") as f:
-        f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
-        return f.read().decode(errors="replace")

@@ -59,6 +59,7 @@ DATA_URL = _env("DATA_URL", CLIMBMIX_URL)       # where shards come from (a mirr
 SCORER = _env("SCORER", "")                     # the driver's scorer (a socket): under the driver, it scores
 RUN_DIR = _env("RUN_DIR", ".")                  # the run's own directory (the driver sets it): saved weights
 CHECK_AUTOCAST = _env("CHECK_AUTOCAST", "")     # the driver's check of a run: the autocast dtype it scored with
+DEVICE_BATCH = _env("DEVICE_BATCH", 0)          # most rows per micro-step (the driver's re-run after out of memory); 0: no cap
 # train.py's compiled kernels live in the cache too, so a warm compile is seconds, a cold one minutes.
 # Set before torch is imported (some of its modules read it at import) and not as a default: a value
 # inherited from a parent process that used another cache would otherwise win.
@@ -82,6 +83,8 @@ SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]  # special tokens, the 
 BOS_TOKEN = SPECIAL_TOKENS[0]                   # begins every document
 TOKENIZER_MAX_CHARS = 1_000_000_000             # tokenizer training reads at most this much text
 TOKENIZER_DOC_CHARS = 10_000                    # ... and at most this much of each document
+FIT_HEADROOM = 0.10                             # the device-batch fit leaves this share of free GPU memory ...
+FIT_RESERVE = 2**30                             # ... and this many bytes more unused (allocator, workspaces, kernels)
 POOL_DOCS = 1000                                # dataloader: documents to choose from per row
 CAUSALITY_RTOL = 1e-3                           # metric: an earlier logit may move this much (x largest logit)
 DATA_ORDER_SEED = 42                            # train order: the same on every run, whatever SEED is
@@ -669,6 +672,76 @@ def make_dataloader(tokenizer, B, T, split):
             yield host[0], host[1], epoch
 
     return batches()
+
+
+# ---------------------------------------------------------------------------
+# Fitting a run to its GPU: the device batch is a run setting, like the seed
+# ---------------------------------------------------------------------------
+
+
+def memory_budget(free_bytes):
+    """What a run may plan to use of `free_bytes` of GPU memory: FIT_HEADROOM and FIT_RESERVE stay
+    free, for what the estimate leaves out (the allocator's rounding and caching, cuBLAS and cuDNN
+    workspaces, compiled kernels)."""
+    return int(free_bytes * (1 - FIT_HEADROOM)) - FIT_RESERVE
+
+
+def choose_device_batch(rows_per_step, largest, need_bytes, budget):
+    """The most rows per micro-step that divide rows_per_step (gradient accumulation keeps the
+    optimizer step), are at most `largest`, and whose need_bytes(rows) is within `budget` (None: no
+    budget, the CPU); None when not even one row fits."""
+    for rows in range(min(largest, rows_per_step), 0, -1):
+        if rows_per_step % rows == 0 and (budget is None or need_bytes(rows) <= budget):
+            return rows
+    return None
+
+
+def gpu_free_bytes():
+    """Free memory on the current GPU, within the per-process cap if one is set (a fraction of it)."""
+    free, total = torch.cuda.mem_get_info()
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
+    if fraction < 1.0:
+        free = min(free, int(fraction * total) - torch.cuda.memory_reserved())
+    return max(free, 0)
+
+
+def fit_device_batch(device_batch_size, total_batch_size, need_bytes):
+    """(rows per micro-step, micro-steps per optimizer step) for this run: the most rows, up to
+    train.py's DEVICE_BATCH_SIZE (and the driver's AUTORESEARCH_DEVICE_BATCH), that divide the
+    step's rows and whose estimated peak memory, need_bytes(rows) (train.py's estimate), fits the
+    GPU's free memory less the headroom. Said in one line that starts with "fit:"; a GPU without
+    bf16, or one where not even one row fits, stops the run here, before the model is built."""
+    if total_batch_size % MAX_SEQ_LEN or total_batch_size < MAX_SEQ_LEN:
+        fail(f"TOTAL_BATCH_SIZE={total_batch_size} must be a multiple of MAX_SEQ_LEN={MAX_SEQ_LEN} (whole rows)")
+    if device_batch_size < 1:
+        fail(f"DEVICE_BATCH_SIZE={device_batch_size} must be at least 1")
+    rows_per_step = total_batch_size // MAX_SEQ_LEN
+    largest = min(device_batch_size, DEVICE_BATCH or device_batch_size)
+    why = f"at most {largest} (AUTORESEARCH_DEVICE_BATCH)" if largest < device_batch_size else \
+        f"at most DEVICE_BATCH_SIZE={device_batch_size}"
+    if not torch.cuda.is_available():
+        rows = choose_device_batch(rows_per_step, largest, need_bytes, None)
+        print(f"fit: cpu, no memory fit: device batch {rows} rows ({why}), {rows_per_step // rows} accumulation "
+              f"steps of {total_batch_size:,} tokens", flush=True)
+        return rows, rows_per_step // rows
+    name, (major, minor) = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    if (major, minor) < (8, 0):  # (torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated)
+        fail(f"{name} (compute capability {major}.{minor}) has no bf16, which training needs: use a GPU of "
+             "compute capability 8.0 or newer (A100, RTX 30xx, or newer)")
+    free = gpu_free_bytes()
+    budget = memory_budget(free)
+    rows = choose_device_batch(rows_per_step, largest, need_bytes, budget)
+    if rows is None:
+        fail(f"the model does not fit {name}: even a device batch of 1 row needs about {need_bytes(1) / 2**30:.1f} "
+             f"GiB by train.py's estimate, and {max(budget, 0) / 2**30:.1f} of {free / 2**30:.1f} GiB free may be "
+             f"used; shorten the rows (AUTORESEARCH_MAX_SEQ_LEN, now {MAX_SEQ_LEN}) or shrink the model (DEPTH)")
+    bigger = next((r for r in range(rows + 1, min(largest, rows_per_step) + 1) if rows_per_step % r == 0), None)
+    if bigger:
+        why = f"{bigger} rows would need {need_bytes(bigger) / 2**30:.1f} GiB"
+    print(f"fit: {name} (compute capability {major}.{minor}), {free / 2**30:.1f} GiB free, {budget / 2**30:.1f} GiB "
+          f"usable: device batch {rows} rows, estimated peak {need_bytes(rows) / 2**30:.1f} GiB ({why}), "
+          f"{rows_per_step // rows} accumulation steps of {total_batch_size:,} tokens", flush=True)
+    return rows, rows_per_step // rows
 
 
 # ---------------------------------------------------------------------------

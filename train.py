@@ -8,6 +8,7 @@ Usage: python train.py
 """
 
 import gc
+import importlib.util
 import math
 import re
 import sys
@@ -19,10 +20,11 @@ T_START = time.time()  # total_seconds counts from here, before the slow imports
 
 # prepare first: it points torch's compile cache (TORCHINDUCTOR_CACHE_DIR) into its cache, then imports torch
 from prepare import (EVAL_TOKENS, MAX_SEQ_LEN, SEED, TIME_BUDGET, Tokenizer,  # noqa: E402
-                     evaluate_bpb, make_dataloader)
+                     evaluate_bpb, fit_device_batch, make_dataloader)
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
 
 # ---------------------------------------------------------------------------
@@ -34,10 +36,17 @@ ASPECT_RATIO = 64               # model dim = DEPTH * ASPECT_RATIO, rounded up t
 HEAD_DIM = 128                  # channels per attention head
 WINDOW_PATTERN = "SSSL"         # per-layer attention window, repeated: S = half context, L = full; last layer is L
 FLEX_KERNEL_OPTIONS = {}        # FlexAttention tiles for the S layers on CUDA (speed only; {} = PyTorch's defaults)
+# Attention kernels on CUDA, fastest first, by compute capability (the entry at or below the GPU's):
+# at start the first that runs and matches a plain fp32 reference is used for every layer of its kind.
+# Hopper measured (bench/README.md): full context cuDNN 5.4 ms, flash 9.0; window Flex 5.9, dense 13.9.
+# "fa4" (pip install flash-attn-4: FlashAttention-4, Hopper and Blackwell) is a candidate to put first.
+FULL_ATTENTION = {8: ("flash", "cudnn", "efficient", "math"),   # Ampere, Ada: PyTorch's FlashAttention-2
+                  9: ("cudnn", "flash", "efficient", "math")}   # Hopper, Blackwell: cuDNN
+WINDOW_ATTENTION = {8: ("flex", "dense")}                       # Flex skips masked blocks; dense computes all
 VE_GATE_CHANNELS = 32           # value-embedding gate reads this many leading channels of the attention input
 SOFTCAP = 15.0                  # logits soft-cap: SOFTCAP * tanh(logits / SOFTCAP)
 TOTAL_BATCH_SIZE = 2**19        # tokens per optimizer step (gradient accumulation fills it)
-DEVICE_BATCH_SIZE = 128         # rows per micro-step; lower it first when memory is short
+DEVICE_BATCH_SIZE = 128         # rows per micro-step at most; each run takes the most that fit its GPU (see main)
 EMBEDDING_LR = 0.6              # AdamW lr of the token embedding (scaled by (dim/768)^-0.5)
 VALUE_EMBEDDING_LR = 0.6        # AdamW lr of the value embeddings (scaled by (dim/768)^-0.5)
 UNEMBEDDING_LR = 0.004          # AdamW lr of lm_head (scaled by (dim/768)^-0.5)
@@ -136,19 +145,31 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
-def causal_attention(q, k, v, window, block_mask=None):
-    """Attention over (B, H, T, D) in which query i sees keys i-window .. i.
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
-    Full context: fused SDPA. Sliding window: FlexAttention with a prebuilt block mask, which
-    skips the masked-out blocks (CUDA), else SDPA with a dense boolean mask (CPU, tests)."""
+
+def causal_attention(q, k, v, window, kernel="sdpa", block_mask=None):
+    """Attention over (B, H, T, D) in which query i sees keys i-window .. i, by `kernel`.
+
+    "flex": FlexAttention with a prebuilt block mask, which skips the masked-out blocks; "fa4":
+    FlashAttention-4; otherwise SDPA (one backend forced when `kernel` names one): full context
+    is_causal, a window a dense boolean mask (CPU, tests, and sequences shorter than the mask's)."""
     T = q.size(-2)
-    if window >= T - 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if block_mask is not None:
+    full = window >= T - 1
+    if kernel == "fa4":
+        from flash_attn.cute import flash_attn_func
+        y = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True,
+                            window_size=(None if full else window, 0))
+        return (y[0] if isinstance(y, tuple) else y).transpose(1, 2)
+    if kernel == "flex" and block_mask is not None and not full:
         return flex_attention(q, k, v, block_mask=block_mask, kernel_options=FLEX_KERNEL_OPTIONS or None)
-    pos = torch.arange(T, device=q.device)
-    offset = pos[:, None] - pos[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=(offset >= 0) & (offset <= window))
+    with sdpa_kernel(SDPA_BACKENDS[kernel]) if kernel in SDPA_BACKENDS else nullcontext():
+        if full:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        pos = torch.arange(T, device=q.device)
+        offset = pos[:, None] - pos[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(offset >= 0) & (offset <= window))
 
 
 def build_block_mask(window, T, device):
@@ -156,6 +177,51 @@ def build_block_mask(window, T, device):
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+def check_attention_kernel(kernel, path, head_dim, device, dtype=torch.bfloat16):
+    """"" when `kernel` runs here for `path` ("full" or "window") and matches SDPA's math backend in
+    fp32 on a small input, forward and gradients, within bf16's noise; else why not (one line)."""
+    if kernel == "fa4" and importlib.util.find_spec("flash_attn") is None:
+        return "not installed (pip install flash-attn-4)"
+    T = 256
+    window = T if path == "full" else T // 2
+    g = torch.Generator(device=device).manual_seed(0)
+    inputs = [torch.randn(2, T, 2, head_dim, device=device, dtype=torch.float32, generator=g).transpose(1, 2)
+              for _ in range(3)]  # (B, H, T, D) views of (B, T, H, D), as the model makes them
+    grad_out = torch.randn(2, 2, T, head_dim, device=device, generator=g)
+    results = []
+    for name, dt in ((kernel, dtype), ("math", torch.float32)):
+        q, k, v = (t.detach().to(dt).requires_grad_() for t in inputs)
+        try:
+            block_mask = build_block_mask(window, T, device) if name == "flex" else None
+            y = causal_attention(q, k, v, window, name, block_mask)
+            y.float().backward(grad_out)
+        except Exception as error:  # noqa: BLE001  (no kernel for this GPU, dtype or shape; not installed)
+            return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
+        results.append([y.float(), q.grad.float(), k.grad.float(), v.grad.float()])
+    for what, got, want in zip(("output", "dq", "dk", "dv"), *results):
+        error = ((got - want).abs().max() / want.abs().max()).item()
+        if not error <= 0.05:  # (a wrong mask is off by about the whole scale; bf16 by well under 1%)
+            return f"its {what} differs from the reference by {error:.1%} of the largest value"
+    return ""
+
+
+def choose_attention_kernels(capability, check):
+    """{"full": kernel, "window": kernel}: for each kind of layer, the first kernel of its list for this
+    compute capability that check(kernel, path) passes (returns ""); and the ones that did not, why."""
+    chosen, passed_over = {}, []
+    for path, table in (("full", FULL_ATTENTION), ("window", WINDOW_ATTENTION)):
+        key = max([m for m in table if m <= capability[0]], default=min(table))
+        for kernel in table[key]:
+            why = check(kernel, path)
+            if not why:
+                chosen[path] = kernel
+                break
+            passed_over.append(f"{kernel} for {path} ({why})")
+        else:
+            raise RuntimeError(f"no attention kernel for the {path} layers passed its check: {'; '.join(passed_over)}")
+    return chosen, passed_over
 
 
 class CausalSelfAttention(nn.Module):
@@ -169,7 +235,7 @@ class CausalSelfAttention(nn.Module):
         has_ve = has_value_embedding(layer, config.n_layer)
         self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_head, bias=False) if has_ve else None
 
-    def forward(self, x, ve, cos, sin, window, block_mask):
+    def forward(self, x, ve, cos, sin, window, kernel, block_mask):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
@@ -178,7 +244,7 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, H)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # same dtype as v (bf16 on CUDA)
-        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, block_mask)
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, kernel, block_mask)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -198,8 +264,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window, block_mask):
-        x = x + self.attn(norm(x), ve, cos, sin, window, block_mask)
+    def forward(self, x, ve, cos, sin, window, kernel, block_mask):
+        x = x + self.attn(norm(x), ve, cos, sin, window, kernel, block_mask)
         return x + self.mlp(norm(x))
 
 
@@ -209,6 +275,7 @@ class GPT(nn.Module):
         self.config = config
         self.windows = layer_windows(config)
         self.block_masks = {}  # window -> FlexAttention BlockMask, filled by build_attention_masks on CUDA
+        self.kernels = {"full": "sdpa", "window": "dense"}  # attention kernel per kind of layer (CUDA: chosen)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.value_embeds = nn.ModuleDict({
             str(i): nn.Embedding(config.vocab_size, config.n_embd)
@@ -278,7 +345,9 @@ class GPT(nn.Module):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             window = self.windows[i]
-            x = block(x, ve, cos, sin, window, self.block_masks.get(window) if T == self.config.sequence_len else None)
+            kernel = self.kernels["full" if window >= T - 1 else "window"]
+            x = block(x, ve, cos, sin, window, kernel,
+                      self.block_masks.get(window) if T == self.config.sequence_len else None)
         logits = self.lm_head(norm(x)).float()  # (B, T, V), fp32 for the soft-cap and the loss
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
@@ -438,19 +507,11 @@ def muon_weight_decay(progress):
 def estimate_memory_bytes(num_params, config, tokens_per_micro_step):
     """Rough peak training memory: 16 B/param (fp32 weights, grads, optimizer state) plus per-token
     activations (fp32 logits + their gradient, ~28 B per layer per channel), calibrated on the
-    reference run's 45,060 MB peak at the defaults."""
+    reference run's 45,060 MB peak at the defaults. Each run's device batch is fitted with it: keep
+    it true when the model changes, or a run that outgrows its GPU runs out of memory once (the
+    driver then runs it again at half the device batch)."""
     per_token = 8 * config.vocab_size + 28 * config.n_layer * config.n_embd
     return 16 * num_params + tokens_per_micro_step * per_token
-
-
-def check_cuda_device(capability, free_bytes, need_bytes):
-    """Fail fast, naming the constants to change, on a GPU that cannot run these settings. bf16 is judged by
-    compute capability: torch.cuda.is_bf16_supported() also says True where bf16 is only emulated (T4, V100)."""
-    assert tuple(capability) >= (8, 0), (f"this GPU (compute capability {capability[0]}.{capability[1]}) has no "
-                                         "bf16 support (needs compute capability >= 8.0, e.g. A100, RTX 30xx or newer)")
-    assert need_bytes <= free_bytes, (
-        f"not enough GPU memory: about {need_bytes / 2**30:.1f} GiB needed, {free_bytes / 2**30:.1f} GiB free; lower "
-        "DEVICE_BATCH_SIZE (gradient accumulation keeps TOTAL_BATCH_SIZE), DEPTH, or AUTORESEARCH_MAX_SEQ_LEN")
 
 
 # ---------------------------------------------------------------------------
@@ -480,6 +541,12 @@ def build_model(vocab_size, device):
         raw_model.wte.to(dtype=torch.bfloat16)
         raw_model.value_embeds.to(dtype=torch.bfloat16)
         raw_model.build_attention_masks()
+        head_dim, capability = raw_model.config.n_embd // raw_model.config.n_head, torch.cuda.get_device_capability()
+        raw_model.kernels, passed_over = choose_attention_kernels(
+            capability, lambda kernel, path: check_attention_kernel(kernel, path, head_dim, device))
+        note = f"; passed over: {'; '.join(passed_over)}" if passed_over else ""
+        print(f"attention (compute capability {capability[0]}.{capability[1]}): full context "
+              f"{raw_model.kernels['full']}, sliding window {raw_model.kernels['window']}{note}", flush=True)
     return (torch.compile(raw_model, dynamic=False) if cuda else raw_model), raw_model
 
 
@@ -490,24 +557,21 @@ def main():
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
     tokenizer = Tokenizer.from_directory()
-    tokens_per_micro_step = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
-    assert TOTAL_BATCH_SIZE % tokens_per_micro_step == 0, (
-        f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN = {tokens_per_micro_step}")
-    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
+    # The device batch is fitted to this GPU's free memory before the model takes any (counted on the
+    # meta device): TOTAL_BATCH_SIZE is kept through gradient accumulation, so numbers stay comparable.
+    config = make_config(tokenizer.get_vocab_size())
+    with torch.device("meta"):
+        num_params = sum(p.numel() for p in GPT(config).parameters())
+    device_batch, grad_accum_steps = fit_device_batch(
+        DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE, lambda rows: estimate_memory_bytes(num_params, config, rows * MAX_SEQ_LEN))
 
-    free_bytes = torch.cuda.mem_get_info()[0] if cuda else 0  # before the model takes any
     model, raw_model = build_model(tokenizer.get_vocab_size(), device)
-    config = raw_model.config
-    num_params = sum(p.numel() for p in raw_model.parameters())
     flops_per_token = raw_model.num_flops_per_token()
     peak_flops = 0.0
     if cuda:
         device_name = torch.cuda.get_device_name()
-        need_bytes = estimate_memory_bytes(num_params, config, tokens_per_micro_step)
-        check_cuda_device(torch.cuda.get_device_capability(), free_bytes, need_bytes)
         peak_flops = gpu_peak_flops(device_name)
-        print(f"device: {device_name}, peak bf16 {peak_flops / 1e12:.1f} TFLOP/s, "
-              f"estimated peak memory {need_bytes / 2**20:,.0f} MB of {free_bytes / 2**20:,.0f} MB free")
+        print(f"device: {device_name}, peak bf16 {peak_flops / 1e12:.1f} TFLOP/s")
         if peak_flops == 0:
             print(f"note: {device_name!r} is not in GPU_PEAK_FLOPS, so MFU is reported as 0")
     else:
@@ -516,9 +580,9 @@ def main():
     print(f"seed: {SEED}, params: {num_params / 1e6:.1f}M, FLOPs/token: {flops_per_token / 1e6:.1f}M, "
           f"dim {config.n_embd}, heads {config.n_head}, windows {raw_model.windows}")
     print(f"settings: max_seq_len {MAX_SEQ_LEN}, time_budget {TIME_BUDGET}s, eval_tokens {EVAL_TOKENS}, "
-          f"batch {TOTAL_BATCH_SIZE} tokens = {grad_accum_steps} x {DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN}")
+          f"batch {TOTAL_BATCH_SIZE} tokens = {grad_accum_steps} x {device_batch} x {MAX_SEQ_LEN}")
 
-    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train")
+    train_loader = make_dataloader(tokenizer, device_batch, MAX_SEQ_LEN, "train")
     x, y, epoch = next(train_loader)
 
     # The host runs one step ahead of the device: it reads step s-1's loss and time (an event that
@@ -563,7 +627,7 @@ def main():
         """Compile the eval graph (no grad, logits, full and last partial batch) while uncounted."""
         eval_rows = EVAL_TOKENS // MAX_SEQ_LEN
         with torch.no_grad(), autocast:
-            for rows in {min(DEVICE_BATCH_SIZE, eval_rows), eval_rows % DEVICE_BATCH_SIZE} - {0}:
+            for rows in {min(device_batch, eval_rows), eval_rows % device_batch} - {0}:
                 model(x[:rows])
 
     step, pending = 0, None
@@ -604,7 +668,7 @@ def main():
 
     eval_start = time.time()
     with torch.no_grad(), autocast:
-        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+        val_bpb = evaluate_bpb(model, tokenizer, device_batch)
     eval_seconds = time.time() - eval_start
 
     counted_tokens = (step - WARMUP_STEPS) * TOTAL_BATCH_SIZE
@@ -626,6 +690,8 @@ def main():
     print(f"max_seq_len:      {MAX_SEQ_LEN}")
     print(f"time_budget:      {TIME_BUDGET}")
     print(f"eval_tokens:      {EVAL_TOKENS}")
+    print(f"device_batch:     {device_batch}")
+    print(f"grad_accum_steps: {grad_accum_steps}")
     # where total_seconds - training_seconds goes: start-up (imports, model, data), steps 0..10, the metric
     print(f"startup_seconds:  {startup_seconds:.1f}")
     print(f"warmup_seconds:   {stats['warmup_seconds']:.1f}")

@@ -114,7 +114,7 @@ def drive(args):
     deadline, limits = parse_deadline(args.deadline), training.parse_limits(args.run_limits)  # (every flag
     slots.check_gpus(args.gpus)                                                               # before any write)
     prepare, settings, hashes = check_repo(args, repo)
-    cuda = check_cuda(args.allow_cpu)
+    cuda = check_cuda(args.allow_cpu, args.gpus)
     provider = make_provider(args.provider, args.model, args.base_url,
                                  llm.parse_price(args.price) if args.price else None, args.llm_timeout)
     provider.check_access()
@@ -212,10 +212,18 @@ def check_repo(args, repo):
     return prepare, {key: getattr(prepare, key.upper()) for key in training.SETTINGS_KEYS}, hashes
 
 
-def check_cuda(allow_cpu):
-    """True with a CUDA GPU (its device nodes exist from here on); without one, stop unless allowed."""
+def check_cuda(allow_cpu, gpus=None):
+    """True with a CUDA GPU (its device nodes exist from here on); without one, stop unless allowed.
+    A GPU the slots would train on that has no bf16 stops the driver here, in one line. (Reading a
+    GPU's properties makes no CUDA context: the driver holds no GPU memory.)"""
     import torch
     if torch.cuda.is_available():
+        for i in slot_devices(gpus, torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            if (major, minor) < (8, 0):
+                raise SystemExit(f"autoresearch: GPU {i} ({torch.cuda.get_device_name(i)}) has compute capability "
+                                 f"{major}.{minor}, without bf16, which training needs: use a GPU of compute "
+                                 "capability 8.0 or newer (A100, RTX 30xx, or newer; --gpus picks which)")
         return True
     if not allow_cpu:
         raise SystemExit("autoresearch: no CUDA GPU found (torch.cuda.is_available() is False): at the default "
@@ -223,6 +231,19 @@ def check_cuda(allow_cpu):
                          "AUTORESEARCH_* settings and CAPS constants).")
     print("note: no CUDA GPU: training runs on the CPU (--allow-cpu)", flush=True)
     return False
+
+
+def slot_devices(gpus, count):
+    """torch's indices (in this process) of the GPUs --gpus trains on: None is the first, and a slot's
+    id is a CUDA_VISIBLE_DEVICES value, read through this process's own CUDA_VISIBLE_DEVICES."""
+    if gpus is None:
+        return [0][:count]
+    if gpus == "all":
+        return list(range(count))
+    visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    indices = [visible.index(g) if g in visible else int(g) if g.isdigit() and not visible else -1
+               for g in slots.check_gpus(gpus)]
+    return [i for i in indices if 0 <= i < count]
 
 
 def make_provider(name, model, base_url=None, price=None, timeout_s=None):

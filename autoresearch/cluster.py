@@ -27,7 +27,7 @@ class RayRunner:
     gpus: int                      # GPUs in the cluster: one slot each
     in_flight: set = field(default_factory=set)
 
-    def run(self, source, ctx, night, seed, log_path, check_below=float("inf"), fill_cache=False):
+    def run(self, source, ctx, night, seed, log_path, check_below=float("inf"), fill_cache=False, retry_until=None):
         """One run as a Ray task of one GPU; blocks until it ends (in a slot's thread). A task that
         fails (a lost node, a killed worker) is a failed run, not the end of the night."""
         import ray
@@ -36,7 +36,7 @@ class RayRunner:
         start = time.time()
         ref = task.remote(source, self.project, seed, ctx.timeout_s, night.settings, env, ctx.pass_env,
                           getattr(ctx.sandbox, "allow_network", None) if getattr(ctx.sandbox, "bwrap", None) else None,
-                          check_below, fill_cache, ctx.limits)
+                          check_below, fill_cache, ctx.limits, retry_until)
         self.in_flight.add(ref)
         try:
             result, log_text, hashes, node = ray.get(ref)
@@ -81,7 +81,7 @@ def connect(address, project):
 
 
 def train_on_node(source, project, seed, timeout_s, settings, env, pass_env, sandboxed_network=None,
-                  check_below=float("inf"), fill_cache=False, limits=None):
+                  check_below=float("inf"), fill_cache=False, limits=None, retry_until=None):
     """A Ray task: train.py (its text) beside the node's prepare.py in a scratch directory, trained
     once (in the node's bubblewrap when the driver sandboxes: sandboxed_network is then whether the
     network is allowed) and scored and checked on the node by the driver's code (trusted, outside the
@@ -105,7 +105,8 @@ def train_on_node(source, project, seed, timeout_s, settings, env, pass_env, san
         result = training.run_training(work, work / "train.log", seed, timeout_s, settings, work / "train.pid",
                                        pass_env, box, env.get("AUTORESEARCH_CACHE") or prepare.CACHE_DIR,
                                        extra_env=env, prepare=prepare,
-                                       check_below=check_below, fill_cache=fill_cache, limits=limits)
+                                       check_below=check_below, fill_cache=fill_cache, limits=limits,
+                                       retry_until=retry_until)
         return result, records.read_tail(work / "train.log", LOG_BYTES), hashes, socket.gethostname()
     finally:
         scoring.remove(work)

@@ -204,6 +204,8 @@ def experiment_rows(ctx, night, p, status, note):
             elif note and not failed and r.attempt == p.attempt:
                 text += f" [{note}]"
             row_status = status if r.attempt == p.attempt or failed else "discard"
+        if r.note and not failed:  # (a crash's failure says it already)
+            text += f" [{r.note}]"
         lines.append(records.format_row(r.commit, r.val_bpb, r.peak_vram_mb, "crash" if failed else row_status, text))
     return lines
 
@@ -246,6 +248,9 @@ def record(ctx, night, p, status=None, note=None):
     if p.kind == "baseline" and final.status == "crash":
         night.in_flight.clear()  # ideas proposed against the broken baseline: asked again after the fix
         save(ctx, night)
+        stopped = p.runs[-1].failure.partition("before its model was scored: ")[2]
+        if stopped:  # (train.py stopped itself with one line: the GPU, the settings)
+            raise SystemExit(f"autoresearch: the baseline stopped: {stopped} (its log: {p.runs[-1].log})")
         raise SystemExit(f"autoresearch: the baseline train.py failed: {p.runs[-1].failure}; "
                          f"see {p.runs[-1].log}. Fix train.py, commit it on {night.branch} "
                          f"and run `python driver.py --tag {ctx.tag}` again.")

@@ -111,9 +111,15 @@ def stop_reason(ctx, night, asking=()):
     return ""
 
 
+def latest_start(ctx, night):
+    """The last time a run may start and still end by the deadline, as runs have taken so far (None:
+    no deadline)."""
+    return ctx.deadline - night.gpu_s["total"] / max(night.run_counts["total"], 1) if ctx.deadline else None
+
+
 def deadline_near(ctx, night):
-    typical_run_s = night.gpu_s["total"] / max(night.run_counts["total"], 1)
-    return bool(ctx.deadline) and time.time() + typical_run_s >= ctx.deadline
+    latest = latest_start(ctx, night)
+    return latest is not None and time.time() >= latest
 
 
 # ---------------------------------------------------------------------------
@@ -307,7 +313,8 @@ def start_run(ctx, night, events, slot, p, role, seed):
     if seed != experiment.BASE_SEED:
         night.next_seed = max(night.next_seed, seed)
     slots.start(slot, ctx, night, (p.n, role, seed, commit, log_path), events, check_below(ctx, night, p, role),
-                fill_cache=p.kind == "baseline" and not p.runs and not experiment.running(ctx, p))
+                fill_cache=p.kind == "baseline" and not p.runs and not experiment.running(ctx, p),
+                retry_until=latest_start(ctx, night))
 
 
 def check_below(ctx, night, p, role):
@@ -352,7 +359,10 @@ def finish_run(ctx, night, slot, result):
         print(f"  run refused: {tampered}", flush=True)
         result = training.RunResult(None, 0.0, result.seconds, f"refused: {tampered}")
     p.runs.append(Run(role, seed, commit, p.attempt, result.val_bpb, result.peak_vram_mb, result.seconds,
-                      result.failure, str(log_path)))
+                      result.failure, str(log_path), result.device_batch, result.note))
+    night.finished.append(dict(n=p.n, role=role, seed=seed, slot=slot.name, ended=round(time.time(), 1),
+                               seconds=round(result.seconds, 1), val_bpb=result.val_bpb,
+                               device_batch=result.device_batch, note=result.note))
     if role == "best" and result.val_bpb is not None:  # the incumbent's mean sharpens with repeats
         night.groups.setdefault(p.parent, []).append(result.val_bpb)
     night.gpu_s["total"] += result.seconds

@@ -40,6 +40,8 @@ class Run:
     seconds: float
     failure: str
     log: str
+    device_batch: int = 0     # rows per micro-step it was fitted to (0: not said)
+    note: str = ""            # e.g. run again at half the device batch after running out of GPU memory
 
 
 @dataclass
@@ -107,6 +109,7 @@ class Night:
     since_keep: int = 0       # ideas recorded since the last one kept (the plateau's streak)
     awaiting: list = field(default_factory=list)  # [n, summary] of finished ideas whose lesson is owed
     condensed_chars: int = 0  # the notebook's length after the model last condensed it
+    finished: list = field(default_factory=list)  # every run as it ended: experiment, seed, slot, device batch, ...
 
     @property
     def experiments_per_hour(self):

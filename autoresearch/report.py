@@ -75,10 +75,22 @@ def summary(rows, night):
     if night:
         s.update(sandbox=night.sandbox, gpu_hours=night.gpu_s["total"] / 3600, noise_gpu_hours=night.gpu_s["noise"] / 3600,
                  spend=night.spend, since_keep=night.since_keep, themes=night.themes, wall_hours=night.wall_s / 3600)
+        s["fits"] = fit_summary(night.finished)
         if night.wall_s:
             s["experiments_per_hour"] = night.experiments_per_hour
             s["duty_cycle"] = night.duty_cycle(sorted(night.slot_seconds))
     return s
+
+
+def fit_summary(finished):
+    """How the runs were fitted to their GPUs: runs per device batch (rows per micro-step), and the
+    experiments with a run that ran out of GPU memory and was run again at half its device batch."""
+    sizes = {}
+    for r in finished:
+        if r.get("device_batch"):
+            sizes[r["device_batch"]] = sizes.get(r["device_batch"], 0) + 1
+    return {"device_batch_runs": dict(sorted(sizes.items(), reverse=True)),
+            "rerun_after_oom": sorted({r["n"] for r in finished if r.get("note", "").startswith("out of GPU memory")})}
 
 
 def render(s):
@@ -102,6 +114,12 @@ def render(s):
         duty = ", ".join(f"{name} {share:.0%}" for name, share in s["duty_cycle"].items())
         lines.append(f"throughput: {s['experiments_per_hour']:.1f} experiments per hour over {s['wall_hours']:.2f} h; "
                      f"GPU duty cycle (share of wall time inside train.py): {duty or 'no run yet'}")
+    fits = s["fits"]
+    if fits["device_batch_runs"]:
+        lines.append("device batch (rows per micro-step, fitted to the GPU for each run): " + ", ".join(
+            f"{rows} in {n} run{'s' * (n > 1)}" for rows, n in fits["device_batch_runs"].items()) + (
+            "; run again at half after running out of GPU memory: experiment(s) "
+            f"{', '.join(map(str, fits['rerun_after_oom']))}" if fits["rerun_after_oom"] else ""))
     lines.append(f"GPU time: {s['gpu_hours']:.2f} h, of which noise handling {s['noise_gpu_hours']:.2f} h "
                  f"({s['noise_gpu_hours'] / max(s['gpu_hours'], 1e-9):.0%})")
     spend = s["spend"]

@@ -92,22 +92,24 @@ def worktree_moved(slot, commit):
     return ""
 
 
-def start(slot, ctx, night, job, events, check_below=math.inf, fill_cache=False):
+def start(slot, ctx, night, job, events, check_below=math.inf, fill_cache=False, retry_until=None):
     """Start one training run on the slot; its result arrives in `events` as ("run", slot, result).
     job: (experiment number, role, seed, commit, log path); a score below check_below is checked,
-    fill_cache: trusted code (the baseline), whose compile cache later runs start from."""
+    fill_cache: trusted code (the baseline), whose compile cache later runs start from; retry_until:
+    the last time a run that ran out of GPU memory may start again (training.run_training)."""
     n, role, seed, commit, log_path = job
     slot.job = job
     if slot.ray:
         source = records.train_py_at(ctx.repo, commit)
-        target = lambda: slot.ray.run(source, ctx, night, seed, log_path, check_below, fill_cache)  # noqa: E731
+        target = lambda: slot.ray.run(source, ctx, night, seed, log_path, check_below, fill_cache,  # noqa: E731
+                                      retry_until)
     else:
         prepare_worktree(ctx.repo, slot, commit)
         target = lambda: training.run_training(  # noqa: E731
             slot.worktree, log_path, seed, ctx.timeout_s, night.settings, slot.pid_file, ctx.pass_env,
             ctx.sandbox, ctx.prepare.CACHE_DIR, None if slot.gpu is None else {"CUDA_VISIBLE_DEVICES": slot.gpu},
             readable=[ctx.repo], prepare=ctx.prepare, hidden=[ctx.run_dir.parent], check_below=check_below,
-            fill_cache=fill_cache, limits=ctx.limits)
+            fill_cache=fill_cache, limits=ctx.limits, retry_until=retry_until)
     in_thread(events, "run", slot, target)
 
 

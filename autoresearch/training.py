@@ -33,6 +33,11 @@ PASS_ENV_NAMES = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "LAN
 PASS_ENV_PREFIXES = ("AUTORESEARCH_", "LC_", "CUDA_", "NVIDIA_", "TORCH", "PYTORCH_", "TRITON_", "OMP_",
                      "MKL_", "NCCL_", "CUDNN_", "CUBLAS_", "CONDA_")
 SUPERVISE = Path(__file__).with_name("supervise.py")  # every run's parent: its limits, and no process left
+# A run that ran out of GPU memory (train.py's estimate missed what its code needs) runs once more at
+# half the device batch its "fit:" line (prepare.fit_device_batch) names.
+OUT_OF_MEMORY = re.compile(r"torch\.OutOfMemoryError|CUDA out of memory|CUDA error: out of memory")
+FIT_LINE = re.compile(r"^fit: [^\n]*?\bdevice batch (\d+) rows", re.M)
+STOPPED = re.compile(r"^error: ([^\n]{1,300})", re.M)  # prepare.fail's one line (train.py stopped itself)
 GiB = 2**30
 
 
@@ -74,6 +79,9 @@ class RunResult:
     peak_vram_mb: float
     seconds: float
     failure: str
+    device_batch: int = 0          # rows per micro-step it was fitted to (its "fit:" line; 0: none)
+    note: str = ""                 # e.g. that it ran out of memory and was run again at half the device batch
+    out_of_memory: bool = False
 
 
 def default_timeout_s(time_budget):
@@ -200,7 +208,31 @@ def summary_failure(log_text, returncode, settings, seed):
 
 def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(), sandbox=None, cache_dir=None,
                  extra_env=None, readable=(), prepare=None, hidden=(), check_below=math.inf,
-                 fill_cache=False, limits=None):
+                 fill_cache=False, limits=None, retry_until=None):
+    """One run (run_once), and when it ran out of GPU memory before it was scored, once more at half
+    the device batch it was fitted to (AUTORESEARCH_DEVICE_BATCH), if that can start before
+    `retry_until` (a time; None: whenever): the same run of the same experiment, its note says so,
+    the first try's log is kept beside (<log>-oom.log) and its seconds are counted."""
+    args = (repo, log_path, seed, timeout_s, settings, pid_file, pass_env, sandbox, cache_dir)
+    options = dict(readable=readable, prepare=prepare, hidden=hidden, check_below=check_below, fill_cache=fill_cache,
+                   limits=limits)
+    first = run_once(*args, extra_env, **options)
+    if not (first.out_of_memory and first.device_batch > 1) or (retry_until and time.time() >= retry_until):
+        return first
+    half = first.device_batch // 2
+    print(f"  {Path(log_path).parent.name}: out of GPU memory at device batch {first.device_batch}; running it again "
+          f"at {half}", flush=True)
+    os.replace(log_path, Path(log_path).with_name(Path(log_path).stem + "-oom.log"))
+    result = run_once(*args, {**(extra_env or {}), "AUTORESEARCH_DEVICE_BATCH": str(half)}, **options)
+    result.seconds += first.seconds
+    result.note = f"out of GPU memory at device batch {first.device_batch}: run again at {half}"
+    if result.failure:
+        result.failure += f" ({result.note}{', out of memory again' if result.out_of_memory else ''})"
+    return result
+
+
+def run_once(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(), sandbox=None, cache_dir=None,
+             extra_env=None, readable=(), prepare=None, hidden=(), check_below=math.inf, fill_cache=False, limits=None):
     """Run `python train.py` in `repo` (a slot's worktree) time-boxed, under the supervisor and its
     `limits`, with `extra_env` (e.g. the slot's CUDA_VISIBLE_DEVICES), in the sandbox when there is
     one (`readable` read-only, e.g. the user's checkout that holds the worktree's git data; `hidden`,
@@ -248,7 +280,8 @@ def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(
             failure = f"timed out after {timeout_s:.0f} s (the whole process group was killed)"
         elif returncode != 0:
             failure = f"{SCORED_THEN_FAILED} {returncode} after its model was scored (a run must exit with 0)" \
-                if score else f"no val_bpb: train.py exited with code {returncode} before its model was scored"
+                if score else f"no val_bpb: train.py exited with code {returncode} before its model was scored" + \
+                "".join(f": {m}" for m in STOPPED.findall(log_text[-4096:])[-1:])
         else:
             failure = unscored or summary_failure(log_text, returncode, settings, seed) or impossible(score.val_bpb)
         if not failure and score.val_bpb < check_below:
@@ -260,10 +293,19 @@ def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(
         if scorer is not None:
             scorer.finish(wait_s=0)
         scoring.remove(sock_dir, trusted, tmp, files / scoring.WEIGHTS_NAME)
+    fitted = FIT_LINE.search(read_head(log_path))
+    device_batch = int(fitted[1]) if fitted else 0
     if failure:
-        return RunResult(None, 0.0, seconds, failure)
+        oom = not score and not limit and not timed_out and bool(OUT_OF_MEMORY.search(log_text[-65536:]))
+        return RunResult(None, 0.0, seconds, failure, device_batch, out_of_memory=oom)
     vram_mb = number(parse_summary(summary_blocks(log_text)[0]).get("peak_vram_mb"))
-    return RunResult(score.val_bpb, vram_mb if math.isfinite(vram_mb) else 0.0, seconds, "")
+    return RunResult(score.val_bpb, vram_mb if math.isfinite(vram_mb) else 0.0, seconds, "", device_batch)
+
+
+def read_head(path, limit=1 << 16):
+    """The first `limit` bytes of a log as text (where the start-up lines are)."""
+    with open(path, "rb") as f:
+        return f.read(limit).decode(errors="replace")
 
 
 def supervised(argv, limits, report, watch, log_path):

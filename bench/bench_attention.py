@@ -11,6 +11,8 @@ Candidates, sliding window (half context) and full context:
             on CUDA also flex[...] with the kernel tiles of FLEX_VARIANTS (train.py's FLEX_KERNEL_OPTIONS),
             and with --max-autotune flex-autotune (Inductor times its own list of tiles and keeps the
             best; its choices are logged on stderr)
+  fa4       FlashAttention-4 (flash-attn-4, CuTeDSL; Hopper and Blackwell) through train.py's "fa4"
+            kernel, with its window; "unavailable" where it is not installed
   varlen    torch.nn.attention.varlen.varlen_attn with window_size=(window, 0) (bundled FA2), where
             the installed torch has it
   sdpa-*    F.scaled_dot_product_attention with one backend forced (full context: is_causal=True;
@@ -91,7 +93,7 @@ def candidates(window):
     if not full:
         block_mask = build_block_mask(window, T, DEVICE)
         attend = torch.compile(causal_attention, dynamic=False) if CUDA else causal_attention
-        out["flex"] = lambda q, k, v: attend(q, k, v, window, block_mask)
+        out["flex"] = lambda q, k, v: attend(q, k, v, window, "flex", block_mask)
         for name, options in (FLEX_VARIANTS.items() if CUDA else ()):
             tuned = partial(flex_attention, block_mask=block_mask, kernel_options=options)
             out[f"flex[{name}]"] = torch.compile(tuned, dynamic=False)
@@ -111,6 +113,8 @@ def candidates(window):
             y = varlen_attn(*flat, cu_seq, cu_seq, T, T, window_size=(-1 if full else window, 0))
             return y.view(B, T, H, D).transpose(1, 2)
         out["varlen"] = varlen
+    if CUDA:  # FlashAttention-4 (pip install flash-attn-4): train.py's "fa4" kernel, where installed
+        out["fa4"] = lambda q, k, v: causal_attention(q, k, v, window, "fa4")
     mask = None if full else dense_mask(window)
     backends = {"sdpa-default": None, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
                 "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,

@@ -3,8 +3,11 @@
 # benchmark, a cold and a warm default-size run of train.py on the prose corpus, a profile of the
 # training step, and a summary of the figures issue 12's bars are read from. Needs no internet: the
 # wheels train.py's path lacks (rustbpe, for prepare.py) come from WHEELS, the corpus from CORPUS.
-# Every step has its own time limit, so a hang costs that step, not the check. Fits in ~8 minutes on
+# Every step has its own time limit, so a hang costs that step, not the check. Steps 1-7 take ~8 minutes on
 # an H100; eight files land in OUT_DIR (the device tool brings back at most eight).
+#
+# Step 8 trains the defaults under GPU memory caps of 48, 32 and 24 GiB (bench/fit_caps.py): the
+# device batch each run was fitted to, its peak and speed (two new shapes to compile: a few minutes).
 #
 # Usage: bash bench/gpu_check.sh OUT_DIR            (on the GPU machine, from anywhere)
 #        bash bench/gpu_check.sh OUT_DIR --dry-run  (on a CPU: tiny settings, minutes, to catch typos)
@@ -91,7 +94,7 @@ for path in sys.argv[1:]:
     log = open(path, errors="replace").read()
     block = dict(re.findall(r"^(\w+):\s+(\S+)$", log.split("\n---\n")[-1], flags=re.M)) if "\n---\n" in log else {}
     steps = re.findall(r"step (\d{5}) .*?dt: (\d+)ms", log)
-    estimate = re.search(r"estimated peak memory ([\d,]+) MB", log)
+    estimate = re.search(r"^fit: .*?estimated peak ([\d.]+) GiB", log, flags=re.M)
     if not block:
         print(f"{path}: no summary block; last lines:\n" + "\n".join(log.replace("\r", "\n").splitlines()[-15:]))
         continue
@@ -107,16 +110,24 @@ for path in sys.argv[1:]:
         print(f"  step 0 (compile) {int(steps[0][1]) / 1000:.1f}s, median dt of steps 11+ "
               f"{sorted(int(dt) for s, dt in steps[11:])[len(steps[11:]) // 2] if steps[11:] else 0} ms")
     if estimate:
-        est = float(estimate.group(1).replace(",", ""))
+        est = float(estimate.group(1)) * 1024
         peak = f["peak_vram_mb"]
         print(f"  peak_vram_mb {peak:,.0f}, start-up estimate {est:,.0f} ({100 * (est - peak) / max(peak, 1):+.1f}%)")
 EOF
 # --- 5. the CUDA tests, 6. attention candidates for the S and L layers ------------------------------
-run_step tests 180 "$OUT/tests.log" "$PYTHON" -m pytest -q -k cuda tests/test_train.py
+run_step tests 180 "$OUT/tests.log" "$PYTHON" -m pytest -q -k "cuda or attention" tests/test_train.py tests/test_fit.py
 run_step attention 120 "$OUT/attention.txt" "$PYTHON" bench/bench_attention.py
 
 # --- 7. where the step's time goes (needs CUDA) ---------------------------------------------------
 if [ "$DRY_RUN" = 0 ]; then
     run_step profile 120 "$OUT/profile.txt" "$PYTHON" bench/profile_step.py 3
 fi
+
+# --- 8. the defaults as on 48, 32 and 24 GiB GPUs (memory caps): the fit, the peak, the speed -----
+# (into the summary: the device tool brings back at most eight files)
+FITS_BUDGET=${FITS_BUDGET:-15}
+AUTORESEARCH_TIME_BUDGET=$([ "$DRY_RUN" = 1 ] && echo 2 || echo "$FITS_BUDGET") \
+    AUTORESEARCH_EVAL_TOKENS=$([ "$DRY_RUN" = 1 ] && echo 4096 || echo $((64 * 2048))) TRAIN_PY=$TRAIN \
+    run_step fits 600 "$WORK/fits.txt" "$PYTHON" bench/fit_caps.py
+cat "$WORK/fits.txt" >> "$SUMMARY"
 echo "files in $OUT:" && ls -la "$OUT"

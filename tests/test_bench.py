@@ -1,6 +1,7 @@
 """The GPU machine's first-contact script, dry-run on CPU: a typo there would cost a slice of GPU time."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,13 @@ def test_gpu_check_dry_run_runs_every_step_and_summarizes(tmp_path):
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
-    for step in ("prepare", "cold", "warm", "tests", "attention"):
+    for step in ("prepare", "cold", "warm", "tests", "attention", "fits"):
         assert f"{step:<10} rc=0 " in summary, summary
     for run in ("cold", "warm"):
         assert f"{run}.log: val_bpb " in summary and "overhead " in summary, summary
+    # the fits under memory caps (uncapped on a CPU): each run's device batch and figures, one row a cap
+    fits = [line.split() for line in summary.splitlines() if re.match(r" +(48|32|24) +4 x 2 +- ", line)]
+    assert [row[0] for row in fits] == ["48", "32", "24"] and all(row[-3] == "ok" for row in fits), summary
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["env.txt", "prepare.log", "cold.log", "warm.log", "summary.txt", "tests.log", "attention.txt"])
     assert "fastest exact candidate, window" in (out / "attention.txt").read_text()

@@ -202,10 +202,10 @@ def test_the_causality_probe_passes_the_baseline_and_refuses_leaky_attention(sma
     assert small_eval.evaluate_bpb(model, tokenizer, 4) > 0  # the causal baseline passes
     causal = train.causal_attention
 
-    def bidirectional(q, k, v, window, block_mask=None):
+    def bidirectional(q, k, v, window, kernel="sdpa", block_mask=None):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
-    def sees_the_next_key(q, k, v, window, block_mask=None):  # an off-by-one window mask
+    def sees_the_next_key(q, k, v, window, kernel="sdpa", block_mask=None):  # an off-by-one window mask
         pos = torch.arange(q.size(-2))
         offset = pos[:, None] - pos[None, :]
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(offset >= -1) & (offset <= window))

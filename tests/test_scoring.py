@@ -180,8 +180,8 @@ def test_a_cheat_that_no_keep_can_use_is_not_checked(small, tmp_path):
 
 def test_the_validation_data_is_not_in_the_sandbox(small, tmp_path):
     """Training on the val split, or reading the val tokens while scored: the files are not there."""
-    val_source = small_train_py().replace('make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train")',
-                                          'make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "val")')
+    val_source = small_train_py().replace('make_dataloader(tokenizer, device_batch, MAX_SEQ_LEN, "train")',
+                                          'make_dataloader(tokenizer, device_batch, MAX_SEQ_LEN, "val")')
     assert val_source != small_train_py()
     for seed, source in ((42, val_source), (43, small_train_py(CHEATS["reads_val_tokens"]))):
         result, _ = train_once(tmp_path, small, source, seed=seed)

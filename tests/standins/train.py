@@ -27,6 +27,17 @@ if os.environ.get("STANDIN_PID_FILE"):
     Path(os.environ["STANDIN_PID_FILE"]).write_text(str(os.getpid()))
 if MODE == "crash":
     raise RuntimeError("stand-in crash: CUDA out of memory")
+if MODE in ("oom", "oom_always"):  # fitted to 64 rows (or the driver's cap); above 32 rows (or always): out of memory
+    rows = min(64, int(os.environ.get("AUTORESEARCH_DEVICE_BATCH", 64)))
+    print(f"fit: stand-in GPU, 1.0 GiB free: device batch {rows} rows, {256 // rows} accumulation steps", flush=True)
+    if rows > 32 or MODE == "oom_always":
+        class OutOfMemoryError(RuntimeError):
+            __module__ = "torch"
+        raise OutOfMemoryError(f"CUDA out of memory. Tried to allocate {rows * 64} MiB")
+if MODE == "nofit":  # prepare.fit_device_batch's refusal
+    raise SystemExit("error: the model does not fit the stand-in GPU: even a device batch of 1 row needs about 90.0 "
+                     "GiB by train.py's estimate, and 20.2 of 23.6 GiB free may be used; shorten the rows "
+                     "(AUTORESEARCH_MAX_SEQ_LEN, now 2048) or shrink the model (DEPTH)")
 if MODE == "flaky" and seed == 45:  # one seed's run crashes, the others train
     raise RuntimeError("stand-in crash on seed 45")
 if MODE == "nan":

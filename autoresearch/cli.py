@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from autoresearch import cluster, decisions, experiment, llm, loop, records, sandbox, scoring, slots, training
+from autoresearch import cluster, decisions, experiment, llm, loop, page, records, sandbox, scoring, slots, training
 from autoresearch.records import Best, JournalDamaged, Night, git
 from autoresearch.report import report
 
@@ -32,6 +32,8 @@ def main(argv=None):
         journal = args.journal
         if journal is None and Path("runs/active_tag").exists() and args.tsv == "results.tsv":
             journal = f"runs/{Path('runs/active_tag').read_text().strip()}/journal.json"
+        if args.html or args.serve is not None:
+            return night_page(args, journal)
         report(args.tsv, journal, args.png, as_json=args.json)
         return 0
     return drive(parser().parse_args(argv))
@@ -105,7 +107,24 @@ def report_parser():
     p.add_argument("--journal", default=None, help="the run's journal (default runs/<active tag>/journal.json)")
     p.add_argument("--png", default="progress.png", help="plot to write (default progress.png)")
     p.add_argument("--json", action="store_true", help="print the whole summary as JSON (no plot)")
+    p.add_argument("--html", action="store_true", help="write the night's page, runs/<tag>/report/index.html")
+    p.add_argument("--serve", nargs="?", type=int, const=8000, default=None, metavar="PORT",
+                   help="serve the night's page on http://HOST:PORT/ (default 8000); it refreshes itself")
+    p.add_argument("--host", default="127.0.0.1", help="the address --serve listens on (default 127.0.0.1: this "
+                   "machine only)")
     return p
+
+
+def night_page(args, journal):
+    """report --html / --serve: the night's page from its journal's folder."""
+    if journal is None or not Path(journal).exists():
+        raise SystemExit(f"autoresearch: no journal {journal or '(no active run)'}; give --journal "
+                         "runs/<tag>/journal.json")
+    run_dir = Path(journal).parent
+    if args.serve is not None:
+        return page.serve(run_dir, args.tsv, args.serve, args.host)
+    print(f"wrote {page.write(run_dir, args.tsv)}")
+    return 0
 
 
 def drive(args):
@@ -114,7 +133,7 @@ def drive(args):
     deadline, limits = parse_deadline(args.deadline), training.parse_limits(args.run_limits)  # (every flag
     slots.check_gpus(args.gpus)                                                               # before any write)
     prepare, settings, hashes = check_repo(args, repo)
-    cuda = check_cuda(args.allow_cpu, args.gpus)
+    cuda = check_cuda(args.allow_cpu, args.gpus, judge=not args.ray)  # (with Ray each node's run judges its own)
     provider = make_provider(args.provider, args.model, args.base_url,
                                  llm.parse_price(args.price) if args.price else None, args.llm_timeout)
     provider.check_access()
@@ -212,13 +231,13 @@ def check_repo(args, repo):
     return prepare, {key: getattr(prepare, key.upper()) for key in training.SETTINGS_KEYS}, hashes
 
 
-def check_cuda(allow_cpu, gpus=None):
+def check_cuda(allow_cpu, gpus=None, judge=True):
     """True with a CUDA GPU (its device nodes exist from here on); without one, stop unless allowed.
     A GPU the slots would train on that has no bf16 stops the driver here, in one line. (Reading a
     GPU's properties makes no CUDA context: the driver holds no GPU memory.)"""
     import torch
     if torch.cuda.is_available():
-        for i in slot_devices(gpus, torch.cuda.device_count()):
+        for i in slot_devices(gpus, torch.cuda.device_count()) if judge else ():
             major, minor = torch.cuda.get_device_capability(i)
             if (major, minor) < (8, 0):
                 raise SystemExit(f"autoresearch: GPU {i} ({torch.cuda.get_device_name(i)}) has compute capability "

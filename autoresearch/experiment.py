@@ -8,7 +8,7 @@ import statistics
 import time
 from pathlib import Path
 
-from autoresearch import decisions, notebook, proposals, records, training
+from autoresearch import decisions, notebook, page, proposals, records, training
 from autoresearch.records import Best, Final, git
 
 BASE_SEED = 42                     # seed of every first run; repeats take BASE_SEED+1, +2, ...
@@ -189,7 +189,7 @@ def experiment_rows(ctx, night, p, status, note):
         group = (r.role, r.attempt)
         i = runs_in_group[group] = runs_in_group.get(group, 0) + 1  # run number within its group
         failed = r.val_bpb is None
-        crash = f" [crash: {r.failure}]" if failed else ""
+        crash = f" [crash: {r.failure}" + (f"; {r.note}]" if r.note else "]") if failed else ""
         row_status = "keep"  # noise runs and repeats of the best are runs of kept code
         if r.role == "noise":
             text = f"noise run {i + 1}/{ctx.noise_runs} (seed {r.seed}): baseline{crash}"
@@ -212,7 +212,8 @@ def experiment_rows(ctx, night, p, status, note):
 
 def record(ctx, night, p, status=None, note=None):
     """Decide the rows, write them once, then move the branch; safe to repeat after a kill
-    (the decision is saved first, everything after it is idempotent)."""
+    (the decision is saved first, everything after it is idempotent). The night's page follows."""
+    parent_vals, sigma = list(night.groups.get(p.parent) or night.best_vals), night.sigma  # (what it was judged on)
     if p.final is None:
         if status == "keep" and p.kind != "baseline" and not records.git_succeeds(
                 ctx.repo, "merge-base", "--is-ancestor", night.best.commit, p.commit):
@@ -239,20 +240,23 @@ def record(ctx, night, p, status=None, note=None):
         night.wins_rejected += 1
     if p.kind == "candidate":
         remember(ctx, night, p, final.status, best_before)
+    page.experiment_record(ctx, night, p, final, parent_vals, sigma)
     night.rows += final.rows
     night.in_flight.remove(p)
     night.done += 1
     save(ctx, night)
     restore_best(ctx, night)
     status_line(ctx, night, p, final, best_before)
+    page.write_quietly(ctx.run_dir, ctx.tsv)
     if p.kind == "baseline" and final.status == "crash":
         night.in_flight.clear()  # ideas proposed against the broken baseline: asked again after the fix
         save(ctx, night)
-        stopped = p.runs[-1].failure.partition("before its model was scored: ")[2]
+        failed = next(r for r in reversed(p.runs) if r.val_bpb is None)  # (seeds side by side end in any order)
+        stopped = failed.failure.partition("before its model was scored: ")[2]
         if stopped:  # (train.py stopped itself with one line: the GPU, the settings)
-            raise SystemExit(f"autoresearch: the baseline stopped: {stopped} (its log: {p.runs[-1].log})")
-        raise SystemExit(f"autoresearch: the baseline train.py failed: {p.runs[-1].failure}; "
-                         f"see {p.runs[-1].log}. Fix train.py, commit it on {night.branch} "
+            raise SystemExit(f"autoresearch: the baseline stopped: {stopped} (its log: {failed.log})")
+        raise SystemExit(f"autoresearch: the baseline train.py failed: {failed.failure}; "
+                         f"see {failed.log}. Fix train.py, commit it on {night.branch} "
                          f"and run `python driver.py --tag {ctx.tag}` again.")
     return final
 

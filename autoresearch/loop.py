@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoresearch import edits, experiment, notebook, prompt, proposals, records, slots, training
+from autoresearch import edits, experiment, notebook, page, prompt, proposals, records, slots, training
 from autoresearch.records import Experiment, Run, git
 
 FIX_ATTEMPTS = 2                   # times a crashed run goes back to the LLM for a fix
@@ -65,6 +65,7 @@ def run_night(ctx, night):
     experiment.restore_best(ctx, night)  # after a kill: branch and train.py back to the best
     slots.end_runs(ctx.slots, ctx.run_dir)
     git(ctx.repo, "worktree", "prune")  # (worktrees a killed driver's clean-up did not reach)
+    page.write_quietly(ctx.run_dir, ctx.tsv)  # (the night's page from its start; rewritten at every decision)
     events, asking, clock = queue.Queue(), {}, time.time()
     try:
         while True:
@@ -223,6 +224,7 @@ def answered(ctx, night, asked, answer):
         text = proposals.one_line(lesson.get("lesson"))
         if owed and text and notebook.add_lesson(ctx.run_dir / "notes.md", owed[0][0], text):
             night.awaiting.remove(owed[0])
+            page.add_lesson(exp_dir(ctx, owed[0][0]), text)
     p = next((p for p in night.in_flight if p.n == request.n), None)
     night.next_n = max(night.next_n, request.n + 1)
     if answer.source is not None:
@@ -357,7 +359,7 @@ def finish_run(ctx, night, slot, result):
                                                      "(the metric)"]))
     if tampered:
         print(f"  run refused: {tampered}", flush=True)
-        result = training.RunResult(None, 0.0, result.seconds, f"refused: {tampered}")
+        result = training.RunResult(None, 0.0, result.seconds, f"refused: {tampered}", result.device_batch, result.note)
     p.runs.append(Run(role, seed, commit, p.attempt, result.val_bpb, result.peak_vram_mb, result.seconds,
                       result.failure, str(log_path), result.device_batch, result.note))
     night.finished.append(dict(n=p.n, role=role, seed=seed, slot=slot.name, ended=round(time.time(), 1),

@@ -173,7 +173,7 @@ class Scorer:
     def __init__(self, prepare, path, run_files, trusted_dir, cache_layer=None, log_path=None):
         self.prepare, self.path, self.run_files, self.trusted_dir = prepare, str(path), Path(run_files), Path(trusted_dir)
         self.cache_layer, self.log_path = cache_layer, log_path
-        self.stop, self.result = threading.Event(), None
+        self.stop, self.result, self.began = threading.Event(), None, False  # began: a connection came
         self.error = ("no val_bpb: train.py ended without having its model scored (it must call "
                       "prepare.evaluate_bpb(model, tokenizer, batch_size) once training has ended)")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -201,6 +201,7 @@ class Scorer:
                     conn, _ = self.listener.accept()
                 except socket.timeout:
                     continue
+                self.began = True
                 with conn:
                     conn.settimeout(IO_TIMEOUT_S)
                     try:

@@ -35,9 +35,10 @@ PASS_ENV_PREFIXES = ("AUTORESEARCH_", "LC_", "CUDA_", "NVIDIA_", "TORCH", "PYTOR
 SUPERVISE = Path(__file__).with_name("supervise.py")  # every run's parent: its limits, and no process left
 # A run that ran out of GPU memory (train.py's estimate missed what its code needs) runs once more at
 # half the device batch its "fit:" line (prepare.fit_device_batch) names.
-OUT_OF_MEMORY = re.compile(r"torch\.OutOfMemoryError|CUDA out of memory|CUDA error: out of memory")
-FIT_LINE = re.compile(r"^fit: [^\n]*?\bdevice batch (\d+) rows", re.M)
-STOPPED = re.compile(r"^error: ([^\n]{1,300})", re.M)  # prepare.fail's one line (train.py stopped itself)
+OUT_OF_MEMORY = re.compile(r"^(?:torch\.(?:cuda\.)?)?OutOfMemoryError: |^RuntimeError: .*(?:CUDA out of memory|"
+                           r"CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED)", re.M)
+FIT_LINE = re.compile(r"^fit: [^\n]*?\bdevice batch (\d{1,6}) rows", re.M)
+STOPPED = re.compile(r"^error: ([^\x00-\x1f\x7f]{1,300})$", re.M)  # prepare.fail's one line (train.py stopped itself)
 GiB = 2**30
 
 
@@ -173,7 +174,7 @@ SCORED_THEN_FAILED = "refused: train.py exited with code"  # a run that knew its
 def fixable(failure):
     """Whether a failed run may go back to the LLM for a fix: not one that failed after it was scored
     (it knew its score, so failing then could buy another draw)."""
-    return not failure.startswith(SCORED_THEN_FAILED) and not failure.endswith("after its model was scored")
+    return not failure.startswith(SCORED_THEN_FAILED) and "after its model was scored" not in failure
 
 
 def impossible(val_bpb):
@@ -222,12 +223,13 @@ def run_training(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(
     half = first.device_batch // 2
     print(f"  {Path(log_path).parent.name}: out of GPU memory at device batch {first.device_batch}; running it again "
           f"at {half}", flush=True)
-    os.replace(log_path, Path(log_path).with_name(Path(log_path).stem + "-oom.log"))
+    log_path = Path(log_path)
+    os.replace(log_path, log_path.with_name(log_path.stem + "-oom.log"))
+    scoring.remove(log_path.with_name(log_path.stem + "-files"))  # (nothing the first try wrote reaches the second)
     result = run_once(*args, {**(extra_env or {}), "AUTORESEARCH_DEVICE_BATCH": str(half)}, **options)
     result.seconds += first.seconds
-    result.note = f"out of GPU memory at device batch {first.device_batch}: run again at {half}"
-    if result.failure:
-        result.failure += f" ({result.note}{', out of memory again' if result.out_of_memory else ''})"
+    result.note = f"out of GPU memory at device batch {first.device_batch}: run again at {half}" + (
+        ", out of memory again" if result.out_of_memory else "")
     return result
 
 
@@ -295,14 +297,14 @@ def run_once(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(), s
         scoring.remove(sock_dir, trusted, tmp, files / scoring.WEIGHTS_NAME)
     fitted = FIT_LINE.search(read_head(log_path))
     device_batch = int(fitted[1]) if fitted else 0
-    if failure:
-        oom = not score and not limit and not timed_out and bool(OUT_OF_MEMORY.search(log_text[-65536:]))
+    if failure:  # out of memory: its traceback's last line, a run whose scoring never began (no input seen)
+        oom = not (score or scorer.began or limit or timed_out) and bool(OUT_OF_MEMORY.search(log_text[-4096:]))
         return RunResult(None, 0.0, seconds, failure, device_batch, out_of_memory=oom)
     vram_mb = number(parse_summary(summary_blocks(log_text)[0]).get("peak_vram_mb"))
     return RunResult(score.val_bpb, vram_mb if math.isfinite(vram_mb) else 0.0, seconds, "", device_batch)
 
 
-def read_head(path, limit=1 << 16):
+def read_head(path, limit=1 << 20):
     """The first `limit` bytes of a log as text (where the start-up lines are)."""
     with open(path, "rb") as f:
         return f.read(limit).decode(errors="replace")

@@ -188,8 +188,8 @@ def test_a_run_out_of_memory_again_is_a_crash_row_that_says_so(repo, fake):
     assert run("--max-experiments", "1", "--greedy", "--fix-attempts", "0") == 0
     r = rows(repo)[1]
     assert r["status"] == "crash"
-    assert r["description"].endswith("[crash: no val_bpb: train.py exited with code 1 before its model was scored "
-                                     "(out of GPU memory at device batch 64: run again at 32, out of memory again)]")
+    assert r["description"].endswith("[crash: no val_bpb: train.py exited with code 1 before its model was scored; "
+                                     "out of GPU memory at device batch 64: run again at 32, out of memory again]")
 
 
 def test_a_run_is_not_tried_again_when_it_could_not_end_in_time(repo, tmp_path):
@@ -208,6 +208,29 @@ def test_a_run_is_not_tried_again_when_it_could_not_end_in_time(repo, tmp_path):
     assert (in_time.val_bpb, in_time.device_batch, in_time.out_of_memory) == (1.0, 32, False)
     assert in_time.note == "out of GPU memory at device batch 64: run again at 32"
     assert "device batch 64 rows" in (tmp_path / "train-oom.log").read_text()
+    # nothing the first try wrote (validation inputs, a checkpoint) is there for the second
+    assert "stash from an earlier try: False" in (tmp_path / "train.log").read_text()
+
+
+def test_no_second_try_for_a_run_whose_scoring_began_or_that_only_mentions_memory(repo, tmp_path):
+    """A run that has seen validation inputs is never run again; out of memory is its traceback's
+    last line, not the words anywhere (an attention check that passed a kernel over, a warning)."""
+    (repo / "train.py").write_text((repo / "train.py").read_text().replace(MODE_LINE, 'MODE = "oom_in_scoring"'))
+    prepare_module = training.load_prepare(repo)
+    settings = {key: getattr(prepare_module, key.upper()) for key in training.SETTINGS_KEYS}
+    result = training.run_training(repo, tmp_path / "train.log", 42, 60, settings, None, prepare=prepare_module)
+    assert "OutOfMemoryError: CUDA out of memory" in (tmp_path / "train.log").read_text()
+    assert (result.val_bpb, result.out_of_memory, result.note) == (None, False, "")
+    assert not (tmp_path / "train-oom.log").exists()
+    assert training.OUT_OF_MEMORY.search("Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried")
+    assert training.OUT_OF_MEMORY.search("RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling x")
+    assert not training.OUT_OF_MEMORY.search("attention (compute capability 8.6): full context flash; passed over: "
+                                             "cudnn for full (RuntimeError: CUDA out of memory)\nValueError: bad")
+    # a run that knew its score gets no fix, whatever note follows
+    assert not training.fixable("stopped at a limit: x after its model was scored; out of GPU memory at device batch 64")
+    # a "fit:" line of any length is read safely (a number too long to be a batch is none)
+    assert training.FIT_LINE.search("fit: x: device batch 64 rows, 4 accumulation steps")[1] == "64"
+    assert training.FIT_LINE.search("fit: x: device batch " + "9" * 5000 + " rows") is None
 
 
 def test_a_baseline_that_does_not_fit_stops_the_night_with_one_line(repo, fake):

@@ -21,18 +21,24 @@ SLEEP_S = 0.0
 BONUS = 0.0
 seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
 
+
+class OutOfMemoryError(RuntimeError):  # (its traceback's last line reads as torch's)
+    __module__ = "torch"
+
+
 print("env: " + json.dumps(sorted(os.environ)), flush=True)
 print("gpu: " + os.environ.get("CUDA_VISIBLE_DEVICES", "-"), flush=True)
 if os.environ.get("STANDIN_PID_FILE"):
     Path(os.environ["STANDIN_PID_FILE"]).write_text(str(os.getpid()))
 if MODE == "crash":
     raise RuntimeError("stand-in crash: CUDA out of memory")
-if MODE in ("oom", "oom_always"):  # fitted to 64 rows (or the driver's cap); above 32 rows (or always): out of memory
+if MODE in ("oom", "oom_always", "oom_in_scoring"):  # fitted to 64 rows (or the driver's cap)
     rows = min(64, int(os.environ.get("AUTORESEARCH_DEVICE_BATCH", 64)))
     print(f"fit: stand-in GPU, 1.0 GiB free: device batch {rows} rows, {256 // rows} accumulation steps", flush=True)
-    if rows > 32 or MODE == "oom_always":
-        class OutOfMemoryError(RuntimeError):
-            __module__ = "torch"
+    stash = Path(os.environ["AUTORESEARCH_RUN_DIR"]) / "stash.bin"  # what a first try could leave its second
+    print(f"stash from an earlier try: {stash.exists()}", flush=True)
+    stash.write_bytes(b"validation rows")
+    if MODE == "oom_always" or MODE == "oom" and rows > 32:  # (above 32 rows, or always: out of memory)
         raise OutOfMemoryError(f"CUDA out of memory. Tried to allocate {rows * 64} MiB")
 if MODE == "nofit":  # prepare.fit_device_batch's refusal
     raise SystemExit("error: the model does not fit the stand-in GPU: even a device batch of 1 row needs about 90.0 "
@@ -164,11 +170,18 @@ if MODE == "read_cache":
     print("cache: " + json.dumps({f.name: f.read_text() for f in sorted(cache.glob("*.py"))}), flush=True)
 started = time.time()
 time.sleep(SLEEP_S)  # "training"
+for step in range(5):  # progress lines as train.py prints them (the night's page draws the loss curve)
+    print(f"\rstep {step:05d} ({20.0 * step:.1f}%) | loss: {TRUE_BPB * (5 - step):.6f} | lrm: 1.00 | dt: 10ms", end="")
+print()
 print(f"trained from {started} to {time.time()}", flush=True)
 val_bpb = TRUE_BPB - BONUS + NOISE_STD * random.Random(f"{seed}:{DATA_ORDER}").gauss(0, 1)
 if MODE == "negative":
     val_bpb = -0.5
 model = prepare.ConstantModel(round(val_bpb, 6))  # (results.tsv's digits: sigma from rows = the journal's)
+if MODE == "oom_in_scoring":  # out of memory once its scoring began (validation inputs seen)
+    def logits(x):
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    model.logits = logits
 if MODE == "cheat":  # claims a lower number than its weights give (as a patched loss would)
     model.logits = lambda x, honest=model.logits: prepare.ConstantModel(val_bpb - 0.3).logits(x)
 if MODE == "echo_inputs":  # prints what it is scored on

@@ -240,14 +240,15 @@ def record(ctx, night, p, status=None, note=None):
         night.wins_rejected += 1
     if p.kind == "candidate":
         remember(ctx, night, p, final.status, best_before)
-    page.experiment_record(ctx, night, p, final, parent_vals, sigma)
+    page.quietly(f"experiment {p.n}'s record for the page", page.experiment_record, ctx, night, p, final, parent_vals,
+                 sigma)
     night.rows += final.rows
     night.in_flight.remove(p)
     night.done += 1
     save(ctx, night)
     restore_best(ctx, night)
     status_line(ctx, night, p, final, best_before)
-    page.write_quietly(ctx.run_dir, ctx.tsv)
+    page.quietly("the night's page", page.write, ctx.run_dir, ctx.tsv)
     if p.kind == "baseline" and final.status == "crash":
         night.in_flight.clear()  # ideas proposed against the broken baseline: asked again after the fix
         save(ctx, night)

@@ -65,7 +65,7 @@ def run_night(ctx, night):
     experiment.restore_best(ctx, night)  # after a kill: branch and train.py back to the best
     slots.end_runs(ctx.slots, ctx.run_dir)
     git(ctx.repo, "worktree", "prune")  # (worktrees a killed driver's clean-up did not reach)
-    page.write_quietly(ctx.run_dir, ctx.tsv)  # (the night's page from its start; rewritten at every decision)
+    page.quietly("the night's page", page.write, ctx.run_dir, ctx.tsv)  # (from the start; then at every decision)
     events, asking, clock = queue.Queue(), {}, time.time()
     try:
         while True:
@@ -218,13 +218,17 @@ def answered(ctx, night, asked, answer):
         night.condensed_chars = len(notebook.read(ctx.run_dir / "notes.md"))
         experiment.save(ctx, night)
         return
+    learned = False
     for lesson in answer.lessons:
         n = str(lesson.get("experiment", "")).lstrip("#")
         owed = [a for a in night.awaiting if n.isdigit() and a[0] == int(n)]
         text = proposals.one_line(lesson.get("lesson"))
         if owed and text and notebook.add_lesson(ctx.run_dir / "notes.md", owed[0][0], text):
             night.awaiting.remove(owed[0])
-            page.add_lesson(exp_dir(ctx, owed[0][0]), text)
+            page.quietly("a lesson on the page", page.add_lesson, exp_dir(ctx, owed[0][0]), text)
+            learned = True
+    if learned:
+        page.quietly("the night's page", page.write, ctx.run_dir, ctx.tsv)
     p = next((p for p in night.in_flight if p.n == request.n), None)
     night.next_n = max(night.next_n, request.n + 1)
     if answer.source is not None:

@@ -12,6 +12,7 @@ by the page's own script.
 import difflib
 import functools
 import http.server
+import math
 import re
 import statistics
 import time
@@ -22,10 +23,10 @@ from autoresearch import decisions, prompt, records, report
 CURVE_POINTS = 150                 # most points of a run's loss curve on the page
 LOG_HEAD_BYTES = 16 << 20          # a log is read this far for its loss curve (a run can print without bound)
 LOG_TAIL_BYTES = 6000              # the end of a failed run's log that the page shows
-DIFF_CHARS = 200_000               # a diff longer than this is cut on the page
+DIFF_CHARS = 20_000                # a diff longer than this is cut on the page (git log -p has it whole)
 REFRESH_S = 10                     # a served page looks for a newer version this often
 TEMPLATE = Path(__file__).with_name("page.html")
-STEP_LINE = re.compile(r"step (\d+) \([\d.]+%\) \| loss: ([\d.eE+-]+)")
+STEP_LINE = re.compile(r"step (\d{1,9}) \([\d.]+%\) \| loss: (\d{1,12}(?:\.\d{1,12})?(?:[eE][-+]?\d{1,3})?)\b")
 
 
 # ---------------------------------------------------------------------------
@@ -39,7 +40,7 @@ def loss_curve(log_path):
             text = f.read(LOG_HEAD_BYTES).decode(errors="replace")
     except OSError:
         return []
-    points = [[int(s), float(v)] for s, v in STEP_LINE.findall(text)]
+    points = [[int(s), float(v)] for s, v in STEP_LINE.findall(text) if math.isfinite(float(v))]
     stride = max(1, -(-len(points) // CURVE_POINTS))
     return points[::stride] + (points[-1:] if points and (len(points) - 1) % stride else [])
 
@@ -62,7 +63,8 @@ def decision_words(ctx, p, final, parent_vals, sigma):
     vals = [r.val_bpb for r in p.runs if r.role in ("candidate", "noise") and r.attempt == p.attempt
             and r.val_bpb is not None]
     if final.status == "crash":
-        return f"crash: {p.runs[-1].failure if p.runs else 'no run'}"
+        failed = [r for r in p.runs if r.val_bpb is None]  # (runs side by side end in any order)
+        return f"crash: {failed[-1].failure if failed else final.note or 'no run'}"
     if p.kind == "baseline":
         return f"the baseline: {len(vals)} run(s) on different seeds measure the noise floor"
     mean = statistics.fmean(vals) if vals else None
@@ -112,6 +114,15 @@ def experiment_record(ctx, night, p, final, parent_vals, sigma):
     records.save_json(Path(p.dir) / "experiment.json", record)
 
 
+def quietly(what, fn, *args):
+    """fn(*args) for the driver: a page, or an experiment's record for it, that cannot be written is a
+    note, never the end of the night (whatever a run printed)."""
+    try:
+        return fn(*args)
+    except Exception as error:  # noqa: BLE001
+        print(f"  note: {what} was not written: {type(error).__name__}: {error}", flush=True)
+
+
 def add_lesson(exp_dir, lesson):
     """The model's lesson for a decided experiment, on its page record too."""
     path = Path(exp_dir) / "experiment.json"
@@ -125,35 +136,61 @@ def add_lesson(exp_dir, lesson):
 # The page: its data, written, served
 # ---------------------------------------------------------------------------
 
+RECORD = {"n": None, "kind": "candidate", "description": "", "fix_description": "", "hypothesis": "", "theme": "other",
+          "status": "", "note": "", "rows": [], "commit": None, "parent": None, "mean": None, "delta": None,
+          "sigma": None, "delta_sigma": None, "decision": "", "usd": 0.0, "runs": [], "diff": "", "lesson": ""}
+
+
+def read_records(run_dir):
+    """Every decided experiment's record, by number; one that cannot be read (being rewritten,
+    damaged, from another version) is left out or given the keys it lacks."""
+    found = []
+    for path in sorted(Path(run_dir).glob("[0-9][0-9][0-9][0-9]/experiment.json")):
+        try:
+            record = records.load_json(path)
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and type(record.get("n")) is int and isinstance(record.get("runs", []), list):
+            found.append({**RECORD, **record})
+    return sorted(found, key=lambda e: e["n"])
+
+
+def finite(value):
+    """value with every float that is not finite made None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
 def page_data(run_dir, tsv_path):
     """Everything the page shows, as plain data (what the template embeds as JSON)."""
-    run_dir = Path(run_dir)
-    rows = records.read_tsv(tsv_path) if Path(tsv_path).exists() else []
+    run_dir, tsv_path = Path(run_dir), Path(tsv_path)
+    lines = tsv_path.read_text().splitlines(True)[1:] if tsv_path.exists() else []
+    rows = [(line, row) for line, row in ((line, records.parse_row(line)) for line in lines) if row]
     night = report.read_night(run_dir / "journal.json", tsv_path)
-    experiments = []
-    for path in sorted(run_dir.glob("[0-9][0-9][0-9][0-9]/experiment.json")):
-        try:
-            experiments.append(records.load_json(path))
-        except (OSError, ValueError):
-            continue  # (one being rewritten, or damaged: the next rewrite has it)
-    experiments.sort(key=lambda e: e["n"])
-    row_of = {line: e["n"] for e in experiments for line in e.get("rows", [])}
-    lines = Path(tsv_path).read_text().splitlines(True)[1:] if Path(tsv_path).exists() else []
+    experiments = read_records(run_dir)
+    row_of = {line: e["n"] for e in experiments for line in e["rows"] if isinstance(line, str)}
     points = [{"i": i, "val": r["val_bpb"], "status": r["status"], "extra": records.is_extra_run(r),
-               "n": row_of.get(line), "text": r["description"][:160]} for i, (r, line) in enumerate(zip(rows, lines))]
-    summary = report.summary(rows, night)
+               "unconfirmed": "not confirmed" in r["description"], "n": row_of.get(line),
+               "text": r["description"][:160]} for i, (line, r) in enumerate(rows)]
+    summary = report.summary([r for _, r in rows], night)
+    summary["crashed"] = sum(r["status"] == "crash" for r in report.idea_rows([r for _, r in rows]))
     if night and night.in_flight:
         summary["in_flight"] = [{"n": p.n, "description": p.description, "runs": len(p.runs)} for p in night.in_flight]
     notes = run_dir / "notes.md"
-    return {"tag": night.tag if night else run_dir.name, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "summary": summary, "points": points, "experiments": experiments,
-            "timeline": night.finished if night else [], "slots": sorted(night.slot_seconds) if night else [],
-            "started": night.started if night else "", "notes": notes.read_text() if notes.exists() else "",
-            "refresh_s": REFRESH_S}
+    return finite({"tag": night.tag if night else run_dir.name, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "stamp": f"{time.time():.6f}", "summary": summary, "points": points, "experiments": experiments,
+                   "timeline": night.finished if night else [], "started": night.started if night else "",
+                   "notes": notes.read_text(errors="replace") if notes.exists() else "", "refresh_s": REFRESH_S})
 
 
 def write(run_dir, tsv_path):
-    """Render the page into runs/<tag>/report/index.html (atomically) and its stamp; returns its path."""
+    """Render the page into runs/<tag>/report/index.html (atomically), then its stamp (what a served
+    page watches); returns its path."""
     import jinja2
     data = page_data(run_dir, tsv_path)
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
@@ -161,16 +198,8 @@ def write(run_dir, tsv_path):
     out = Path(run_dir) / "report"
     out.mkdir(exist_ok=True)
     records.write_atomic(out / "index.html", html)
-    records.write_atomic(out / "stamp.txt", f"{time.time():.3f}\n")
+    records.write_atomic(out / "stamp.txt", data["stamp"] + "\n")
     return out / "index.html"
-
-
-def write_quietly(run_dir, tsv_path):
-    """write(), for the driver: a page that cannot be written is a note, never the end of the night."""
-    try:
-        write(run_dir, tsv_path)
-    except Exception as error:  # noqa: BLE001
-        print(f"  note: the night's page was not written: {type(error).__name__}: {error}", flush=True)
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

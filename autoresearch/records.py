@@ -12,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,14 +195,20 @@ def rebuild_night(repo, tag, branch, settings, hashes, lines, run_dir, base_seed
 # ---------------------------------------------------------------------------
 
 def write_atomic(path, text):
-    """Write via tmp + fsync + rename so a kill leaves either the old or the new file."""
+    """Write via a temporary file of its own + fsync + rename, so a kill leaves either the old or the
+    new file, and two writers (the driver, `report --serve`) each rename a whole one."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with open(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # (mkstemp's 0600 otherwise)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -269,14 +276,17 @@ def format_row(commit, val_bpb, peak_vram_mb, status, description):
 
 
 def read_tsv(path):
-    """Rows of results.tsv as dicts (val_bpb and memory_gb as floats)."""
-    rows = []
-    for line in Path(path).read_text().splitlines()[1:]:
-        parts = line.split("\t")
-        if len(parts) == 5 and re.fullmatch(r"[\d.]+", parts[1]) and re.fullmatch(r"[\d.]+", parts[2]):
-            rows.append({"commit": parts[0], "val_bpb": float(parts[1]), "memory_gb": float(parts[2]),
-                         "status": parts[3], "description": parts[4]})
-    return rows
+    """Rows of results.tsv as dicts (val_bpb and memory_gb as floats); lines that are no row are left out."""
+    return [row for row in map(parse_row, Path(path).read_text().splitlines()[1:]) if row]
+
+
+def parse_row(line):
+    """One results.tsv line as a dict, or None when it is not a row (a hand edit, a torn line)."""
+    parts = line.rstrip("\n").split("\t")
+    if len(parts) != 5 or not re.fullmatch(r"\d+(?:\.\d+)?", parts[1]) or not re.fullmatch(r"\d+(?:\.\d+)?", parts[2]):
+        return None
+    return {"commit": parts[0], "val_bpb": float(parts[1]), "memory_gb": float(parts[2]), "status": parts[3],
+            "description": parts[4]}
 
 
 def is_extra_run(row):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from autoresearch import cli, page
+from autoresearch import cli, page, records
 from driver_helpers import BASE_LINE, MODE_LINE, fake, git, repo, rows, run  # noqa: F401
 from fake_anthropic import edit
 
@@ -78,6 +78,54 @@ def test_loss_curves_are_read_from_the_progress_lines_and_thinned(tmp_path):
     curve = page.loss_curve(log)
     assert len(curve) <= page.CURVE_POINTS + 1 and curve[0] == [0, 10.0] and curve[-1] == [999, pytest.approx(0.01)]
     assert page.loss_curve(tmp_path / "missing.log") == []
+
+
+def test_what_a_run_printed_or_an_old_record_holds_never_breaks_the_page_or_the_night(repo, fake, monkeypatch,
+                                                                                      capsys, tmp_path):
+    """A progress line with a number that is no float, an infinite loss, a record from another version
+    or a damaged one: the page is still written; a record that cannot be written is a note."""
+    log = tmp_path / "weird.log"
+    log.write_text("\rstep 00001 (1.0%) | loss: 1.2.3 |\rstep 00002 (2.0%) | loss: 1e999 |\rstep 00003 (3.0%) | loss: 2.5 |")
+    assert page.loss_curve(log) == [[1, 1.2], [3, 2.5]]
+    monkeypatch.setattr(page, "loss_curve", lambda path: 1 / 0)  # whatever goes wrong in a record
+    fake.replies += [edit("lower bpb", (BASE_LINE, "TRUE_BPB = 0.990000"))]
+    assert run("--max-experiments", "1", "--greedy") == 0  # the night went on
+    assert "note: experiment 1's record for the page was not written: ZeroDivisionError" in capsys.readouterr().out
+    run_dir = repo / "runs/t"
+    (run_dir / "0007").mkdir()
+    (run_dir / "0007/experiment.json").write_text('["not", "a record"]')
+    (run_dir / "0008").mkdir()
+    (run_dir / "0008/experiment.json").write_text('{"n": 8, "description": "from an older driver"}')
+    (run_dir / "0009").mkdir()
+    (run_dir / "0009/experiment.json").write_text('{"n": 9, "runs": [{"curve": [[0, 1.0]]}], "mea')  # torn
+    data = page.page_data(run_dir, repo / "results.tsv")
+    assert [e["n"] for e in data["experiments"]] == [8]  # (0, 1: not written; 7, 9: unreadable)
+    assert data["experiments"][0]["runs"] == [] and data["experiments"][0]["status"] == ""
+    assert page.finite({"a": [float("inf"), 1.0, float("nan")]}) == {"a": [None, 1.0, None]}
+    page.write(run_dir, repo / "results.tsv")
+
+
+def test_two_writers_of_one_page_never_tear_it(tmp_path):
+    """The driver and `report --serve` may write the same page at once: each renames a whole file."""
+    path, errors = tmp_path / "index.html", []
+
+    def writer(k):
+        try:
+            for i in range(200):
+                records.write_atomic(path, f"{k}" * 50_000)
+        except Exception as error:  # noqa: BLE001
+            errors.append(error)
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    seen = set()
+    while any(t.is_alive() for t in threads):
+        text = path.read_text() if path.exists() else "0" * 50_000
+        assert len(text) == 50_000 and len(set(text)) == 1
+        seen.add(text[0])
+    for t in threads:
+        t.join()
+    assert errors == [] and not list(tmp_path.glob("*.tmp"))
 
 
 def test_report_html_and_serve(night, capsys):
@@ -178,6 +226,10 @@ def test_the_served_page_follows_the_night(night, browser, monkeypatch, tmp_path
         assert browser.find_element(By.ID, "live").text == "· live"
         assert browser.find_elements(By.CSS_SELECTOR, "tr.open#exp-3")  # the hash opens an experiment
         assert len(browser.find_elements(By.CSS_SELECTOR, "#exps tbody tr.exp")) == 4
+        browser.find_element(By.CSS_SELECTOR, "#exps th[data-key=n]").click()  # newest first
+        browser.find_element(By.ID, "f-text").send_keys("e")  # (every description here has an "e")
+        browser.find_element(By.ID, "exp-3").click()
+        browser.find_element(By.ID, "exp-3").click()  # (closed and opened again: still open)
         record = json.loads((night / "runs/t/0003/experiment.json").read_text())
         (night / "runs/t/0004").mkdir()
         (night / "runs/t/0004/experiment.json").write_text(json.dumps({**record, "n": 4, "description": "a late one"}))
@@ -187,7 +239,10 @@ def test_the_served_page_follows_the_night(night, browser, monkeypatch, tmp_path
                 break
             time.sleep(0.1)
         assert browser.find_element(By.ID, "exp-4").text.count("a late one") == 1
-        assert browser.find_elements(By.CSS_SELECTOR, "tr.open#exp-3")  # still open after the reload
+        assert browser.find_elements(By.CSS_SELECTOR, "tr.open#exp-3")  # still open after the reload ...
+        assert browser.find_element(By.ID, "f-text").get_attribute("value") == "e"  # ... with its filter and order
+        assert [r.get_attribute("data-n") for r in browser.find_elements(By.CSS_SELECTOR, "#exps tbody tr.exp")][:2] \
+            == ["4", "3"]
         browser.save_screenshot(str(tmp_path / "page-served.png"))
         assert console_errors(browser) == []
     finally:

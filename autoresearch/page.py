@@ -93,8 +93,8 @@ def experiment_record(ctx, night, p, final, parent_vals, sigma):
             and r.val_bpb is not None]
     runs = []
     for r in p.runs:
-        run = {"role": r.role, "seed": r.seed, "attempt": r.attempt, "val_bpb": r.val_bpb, "seconds": round(r.seconds, 1),
-               "failure": r.failure, "device_batch": r.device_batch, "note": r.note,
+        run = {"role": r.role, "seed": r.seed, "attempt": r.attempt, "val_bpb": r.val_bpb,
+               "seconds": round(r.seconds, 1), "failure": r.failure, "device_batch": r.device_batch, "note": r.note,
                "log": str(Path(r.log).relative_to(ctx.run_dir)) if Path(r.log).is_relative_to(ctx.run_dir) else r.log,
                "curve": loss_curve(r.log)}
         if r.val_bpb is None and Path(r.log).exists():

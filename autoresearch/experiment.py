@@ -252,7 +252,7 @@ def record(ctx, night, p, status=None, note=None):
     if p.kind == "baseline" and final.status == "crash":
         night.in_flight.clear()  # ideas proposed against the broken baseline: asked again after the fix
         save(ctx, night)
-        failed = next(r for r in reversed(p.runs) if r.val_bpb is None)  # (seeds side by side end in any order)
+        failed = next((r for r in reversed(p.runs) if r.val_bpb is None), p.runs[-1])  # (seeds end in any order)
         stopped = failed.failure.partition("before its model was scored: ")[2]
         if stopped:  # (train.py stopped itself with one line: the GPU, the settings)
             raise SystemExit(f"autoresearch: the baseline stopped: {stopped} (its log: {failed.log})")

@@ -398,9 +398,10 @@ def test_no_keep_drops_an_earlier_keep_from_the_branch(repo, fake, monkeypatch):
 
 def test_kill_9_with_two_runs_in_flight_then_restart(repo, fake, tmp_path):
     """Both slots training when the driver dies: both groups are ended at the restart and their
-    runs done again; every row once."""
-    fake.replies += [edit("a", (BASE_LINE, "TRUE_BPB = 0.990000"), (SLEEP_LINE, "SLEEP_S = 4.0")),
-                     edit("b", ("DATA_ORDER = 0", "DATA_ORDER = 1"), (SLEEP_LINE, "SLEEP_S = 4.0"))]
+    runs done again; every row once. (The kill may fall between the server's answer for "b" and its
+    journal entry: the restart then asks again, and gets the same idea.)"""
+    b = edit("b", ("DATA_ORDER = 0", "DATA_ORDER = 1"), (SLEEP_LINE, "SLEEP_S = 4.0"))
+    fake.replies += [edit("a", (BASE_LINE, "TRUE_BPB = 0.990000"), (SLEEP_LINE, "SLEEP_S = 4.0")), b, b]
     command = [sys.executable, "driver.py", "--tag", "t", *PIPELINE, "--gpus", "0,1", "--noise-runs", "1",
                "--max-experiments", "2", "--greedy"]
     out = open(tmp_path / "driver.out", "ab")
@@ -423,4 +424,4 @@ def test_kill_9_with_two_runs_in_flight_then_restart(repo, fake, tmp_path):
         assert pid_gone(pid), "a training group of the killed driver outlived the restart"
     assert restart.wait(timeout=120) == 0, (tmp_path / "driver.out").read_text()
     descriptions = [x["description"] for x in rows(repo)]
-    assert sorted(descriptions) == ["a", "b", "baseline"] and len(fake.requests) == 2
+    assert sorted(descriptions) == ["a", "b", "baseline"] and len(fake.requests) in (2, 3)

@@ -145,11 +145,11 @@ def test_a_log_tail_reads_only_the_end_of_the_log(tmp_path):
 def test_a_folder_nested_thousands_deep_is_counted_and_removed(tmp_path, monkeypatch):
     """Past Python's recursion limit: the supervisor still counts it, the driver still removes it."""
     monkeypatch.chdir(tmp_path)
-    deep = ("import os, time\n"
-            "path = 'w'\n"
+    deep = ("import os, time\n"  # (one level at a time: a path of 3,000 levels is past PATH_MAX, which
+            "os.chdir('w')\n"     # failed the run with ENAMETOOLONG when the supervisor looked late)
             "for _ in range(3000):\n"
-            "    path = os.path.join(path, 'd')\n"
-            "    os.mkdir(path)\n"
+            "    os.mkdir('d')\n"
+            "    os.chdir('d')\n"
             "time.sleep(600)")
     code, why, _ = supervised(tmp_path, deep, written=4 << 20)
     assert (code, why) == (supervise.EXIT_LIMIT, "it wrote more than 4 MiB into its run directory and /tmp "

@@ -259,7 +259,7 @@ def slot_devices(gpus, count):
         return [0][:count]
     if gpus == "all":
         return list(range(count))
-    visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    visible = slots.visible_gpus()
     indices = [visible.index(g) if g in visible else int(g) if g.isdigit() and not visible else -1
                for g in slots.check_gpus(gpus)]
     return [i for i in indices if 0 <= i < count]

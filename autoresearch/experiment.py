@@ -240,8 +240,8 @@ def record(ctx, night, p, status=None, note=None):
         night.wins_rejected += 1
     if p.kind == "candidate":
         remember(ctx, night, p, final.status, best_before)
-    page.quietly(f"experiment {p.n}'s record for the page", page.experiment_record, ctx, night, p, final, parent_vals,
-                 sigma)
+    page.quietly(f"experiment {p.n}'s record for the page", page.experiment_record, ctx, night, p, final, vals,
+                 parent_vals, sigma)
     night.rows += final.rows
     night.in_flight.remove(p)
     night.done += 1

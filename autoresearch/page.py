@@ -36,8 +36,7 @@ STEP_LINE = re.compile(r"step (\d{1,9}) \([\d.]+%\) \| loss: (\d{1,12}(?:\.\d{1,
 def loss_curve(log_path):
     """[[step, smoothed training loss], ...] from a run's progress lines, at most CURVE_POINTS."""
     try:
-        with open(log_path, "rb") as f:
-            text = f.read(LOG_HEAD_BYTES).decode(errors="replace")
+        text = records.read_head(log_path, LOG_HEAD_BYTES)
     except OSError:
         return []
     points = [[int(s), float(v)] for s, v in STEP_LINE.findall(text) if math.isfinite(float(v))]
@@ -58,10 +57,8 @@ def train_py_diff(repo, parent, commit):
     return diff if len(diff) <= DIFF_CHARS else diff[:DIFF_CHARS] + "\n[... the rest of the diff is cut]\n"
 
 
-def decision_words(ctx, p, final, parent_vals, sigma):
-    """The decision in words: the rule, the runs it used, the margin."""
-    vals = [r.val_bpb for r in p.runs if r.role in ("candidate", "noise") and r.attempt == p.attempt
-            and r.val_bpb is not None]
+def decision_words(ctx, p, final, vals, parent_vals, sigma):
+    """The decision in words: the rule, the runs it used (`vals`: the current attempt's), the margin."""
     if final.status == "crash":
         failed = [r for r in p.runs if r.val_bpb is None]  # (runs side by side end in any order)
         return f"crash: {failed[-1].failure if failed else final.note or 'no run'}"
@@ -85,12 +82,11 @@ def decision_words(ctx, p, final, parent_vals, sigma):
     return "; ".join(text)
 
 
-def experiment_record(ctx, night, p, final, parent_vals, sigma):
-    """Save runs/<tag>/NNNN/experiment.json: what the page shows of a decided experiment."""
+def experiment_record(ctx, night, p, final, vals, parent_vals, sigma):
+    """Save runs/<tag>/NNNN/experiment.json: what the page shows of a decided experiment (`vals`: the
+    val_bpb of its current attempt's runs; `parent_vals`, `sigma`: what it was judged against)."""
     usage = Path(p.dir) / "usage.json"
     code = p.commit if p.kind != "baseline" else (p.runs[0].commit if p.runs else night.best.commit)
-    vals = [r.val_bpb for r in p.runs if r.role in ("candidate", "noise") and r.attempt == p.attempt
-            and r.val_bpb is not None]
     runs = []
     for r in p.runs:
         run = {"role": r.role, "seed": r.seed, "attempt": r.attempt, "val_bpb": r.val_bpb,
@@ -107,7 +103,7 @@ def experiment_record(ctx, night, p, final, parent_vals, sigma):
               "status": final.status, "note": final.note, "rows": final.rows, "commit": code, "parent": p.parent,
               "mean": mean, "delta": mean - parent if mean is not None and parent is not None else None,
               "sigma": sigma, "delta_sigma": (mean - parent) / sigma if mean is not None and parent is not None
-              and sigma else None, "decision": decision_words(ctx, p, final, parent_vals, sigma),
+              and sigma else None, "decision": decision_words(ctx, p, final, vals, parent_vals, sigma),
               "usd": records.load_json(usage)["usd"] if usage.exists() else 0.0, "decided": round(time.time(), 1),
               "runs": runs, "diff": train_py_diff(ctx.repo, p.parent, p.commit) if p.kind != "baseline" else "",
               "lesson": ""}

@@ -242,6 +242,12 @@ def sha256_file(path):
     return h.hexdigest()
 
 
+def read_head(path, limit=1 << 20):
+    """The first `limit` bytes of a log as text (where the start-up lines are)."""
+    with open(path, "rb") as f:
+        return f.read(limit).decode(errors="replace")
+
+
 def read_tail(path, limit=1 << 20):
     """The last `limit` bytes of a log as text (a run can print without bound)."""
     with open(path, "rb") as f:

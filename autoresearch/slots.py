@@ -31,6 +31,11 @@ class Slot:
         return self.worktree.parent / f"{self.name}.pid"
 
 
+def visible_gpus():
+    """This process's CUDA_VISIBLE_DEVICES as a list of ids ([]: not set, every GPU)."""
+    return [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+
+
 def make_slots(run_dir, gpus, ray_runner=None):
     """One slot per GPU: `gpus` is None (the GPU training would use anyway), "all", or "0,1,..."."""
     if ray_runner:
@@ -39,8 +44,7 @@ def make_slots(run_dir, gpus, ray_runner=None):
         return [Slot("gpu", None, run_dir / "slots" / "gpu")]
     if gpus == "all":  # every GPU this process may use: CUDA_VISIBLE_DEVICES's list, if set
         import torch
-        visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
-        ids = (visible or [str(i) for i in range(torch.cuda.device_count())])[:torch.cuda.device_count()]
+        ids = (visible_gpus() or [str(i) for i in range(torch.cuda.device_count())])[:torch.cuda.device_count()]
         if not ids:
             raise SystemExit("autoresearch: --gpus all, but torch sees no CUDA GPU")
     else:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoresearch import prompt, records, scoring
-from autoresearch.records import read_tail, write_atomic
+from autoresearch.records import read_head, read_tail, write_atomic
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding this package
 
@@ -302,12 +302,6 @@ def run_once(repo, log_path, seed, timeout_s, settings, pid_file, pass_env=(), s
         return RunResult(None, 0.0, seconds, failure, device_batch, out_of_memory=oom)
     vram_mb = number(parse_summary(summary_blocks(log_text)[0]).get("peak_vram_mb"))
     return RunResult(score.val_bpb, vram_mb if math.isfinite(vram_mb) else 0.0, seconds, "", device_batch)
-
-
-def read_head(path, limit=1 << 20):
-    """The first `limit` bytes of a log as text (where the start-up lines are)."""
-    with open(path, "rb") as f:
-        return f.read(limit).decode(errors="replace")
 
 
 def supervised(argv, limits, report, watch, log_path):
